@@ -1,0 +1,34 @@
+"""Importance scores: weight-shaped tensors, higher = more important. Pure where the paper allows it.
+
+Each score is a function ``(ctx: ScoreContext) -> list[Tensor]`` registered under a name; the list is aligned with
+``ctx.targets`` and every tensor has its weight's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .context import ScoreContext
+
+ScoreFn = Callable[[ScoreContext], list[torch.Tensor]]
+SCORES: dict[str, ScoreFn] = {}
+DATA_FREE: set[str] = set()
+
+
+def register_score(name: str, needs_data: bool) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a score function under `name`."""
+
+    def wrap(fn: ScoreFn) -> ScoreFn:
+        SCORES[name] = fn
+        if not needs_data:
+            DATA_FREE.add(name)
+        return fn
+
+    return wrap
+
+
+from . import basic, gradient, synflow  # noqa: E402,F401  (registration side effects)
+
+__all__ = ["SCORES", "DATA_FREE", "ScoreContext", "register_score"]
