@@ -31,8 +31,41 @@ class _MaskState:
     original: torch.Tensor | None  # values of the pruned entries, when kept for restore
 
 
-# Masked parameters (weakly held, so a deleted model frees its masks) -> their mask state.
-_MASKED: "weakref.WeakKeyDictionary[torch.Tensor, _MaskState]" = weakref.WeakKeyDictionary()
+class _ParamTable:
+    """Parameter -> mask state, keyed by identity and held weakly (a deleted model frees its masks).
+
+    weakref.WeakKeyDictionary cannot be used: on a hash collision it compares tensors with ==, which is elementwise.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ReferenceType, _MaskState]] = {}
+
+    def get(self, param: object) -> _MaskState | None:
+        entry = self._entries.get(id(param))
+        return entry[1] if entry is not None and entry[0]() is param else None
+
+    def __setitem__(self, param: torch.Tensor, state: _MaskState) -> None:
+        key = id(param)
+        self._entries[key] = (weakref.ref(param, lambda _, k=key: self._entries.pop(k, None)), state)
+
+    def __getitem__(self, param: torch.Tensor) -> _MaskState:
+        state = self.get(param)
+        if state is None:
+            raise KeyError("parameter has no mask")
+        return state
+
+    def pop(self, param: object, default: _MaskState | None = None) -> _MaskState | None:
+        state = self.get(param)
+        if state is None:
+            return default
+        del self._entries[id(param)]
+        return state
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+
+_MASKED = _ParamTable()
 
 
 @torch.no_grad()

@@ -51,15 +51,19 @@ def smollm2_gguf_path() -> Path:
 
 def _export_smollm2(target: Path) -> None:
     """Dequantise the GGUF into a plain LlamaForCausalLM and save it with its tokenizer to `target`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf = smollm2_gguf_path()
     started = time.perf_counter()
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # A fresh LlamaForCausalLM carries no trace of the GGUF loader (config fields, quantisation hooks):
-    # the saved folder is then exactly what `from_pretrained` of any tool expects.
-    config = loaded.config
+    loaded_seconds = time.perf_counter() - started
+    # A fresh config and LlamaForCausalLM carry no trace of the GGUF loader: a `quantization_config` naming the
+    # GGUF file would make every later `from_pretrained` of the folder look for it.
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    settings["dtype"] = "float32"
+    config = LlamaConfig.from_dict(settings)
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     # Tied embeddings may appear as a missing `lm_head.weight`; anything else means a conversion problem.
@@ -72,7 +76,12 @@ def _export_smollm2(target: Path) -> None:
     model.eval()
     model.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
-    info = {"source": str(gguf), "seconds": round(time.perf_counter() - started, 1), "format": "safetensors"}
+    info = {
+        "source": str(gguf),
+        "load_seconds": round(loaded_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "format": "safetensors",
+    }
     (target / EXPORT_MARKER).write_text(json.dumps(info, indent=1) + "\n")
 
 
@@ -84,6 +93,10 @@ def _materialise(folder: Path, export: Callable[[Path], None]) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         export(temp)
+        # mkdtemp makes the folder private (0700); a shared cache should read like any other folder.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o777 & ~umask)
         try:
             os.replace(temp, folder)  # atomic on one file system; fails if another process got there first
         except OSError:
