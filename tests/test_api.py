@@ -78,6 +78,7 @@ def test_transformers_defaults_leave_embeddings_and_head_dense_unless_included()
     names = {row.name for row in report.layers}
     assert "lm_head" not in names and "model.embed_tokens" not in names
     assert len(names) == 7  # q, k, v, o, gate, up, down
+    assert any("3 normalisation layers left dense" in note for note in report.notes)
     report = prunekit.prune(model, "magnitude", 0.5, include=["lm_head"])
     assert [row.name for row in report.layers] == ["lm_head"]
 

@@ -119,3 +119,21 @@ def test_tied_weight_masked_once_and_enforced_everywhere():
     assert [row.name for row in report.layers] == ["0"]
     assert any("tied" in note for note in report.notes)
     assert (model[2].weight == 0).float().mean() == 0.5
+
+
+@pytest.mark.parametrize(
+    "module,x",
+    [
+        (nn.Conv1d(8, 6, 3), torch.randn(2, 8, 9)),
+        (nn.Conv3d(4, 6, 2), torch.randn(2, 4, 5, 5, 5)),
+        (nn.Embedding(20, 8), torch.randint(0, 20, (3, 5))),
+    ],
+)
+def test_every_weight_kind_prunes_exactly_and_forward_matches_zeroed_copy(module, x):
+    torch.manual_seed(0)
+    reference = __import__("copy").deepcopy(module)
+    report = prunekit.prune(module, "magnitude", 0.5, types=["linear", "conv", "embedding"])
+    assert report.zeros == module.weight.numel() // 2
+    with torch.no_grad():
+        reference.weight.masked_fill_(~masks.get_mask(module), 0)
+    assert torch.equal(module(x), reference(x))

@@ -186,6 +186,10 @@ def select(
             f"prunable weight ({_examples(model)})"
         )
     _note_tied_outside_selection(model, targets, notes)
+    if defaults:
+        norms = sum(1 for m in model.modules() if "norm" in type(m).__name__.lower())
+        if norms:
+            notes.append(f"{norms} normalisation layers left dense: their weights are per-channel scales")
     return Selection(targets=targets, skipped=skipped, notes=notes)
 
 
