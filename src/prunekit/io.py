@@ -428,9 +428,9 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], strict: boo
     """FormatError listing the first missing, unexpected and shape-mismatched keys between file and model."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
-    mismatched = [k for k in found if k in expected and found[k] != expected[k]]
+    mismatched = [k for k in expected if k in found and found[k] != expected[k]]  # in the model's order
     missing = [k for k in expected if k not in found] if strict else []
-    unexpected = [k for k in found if k not in expected] if strict else []
+    unexpected = sorted(k for k in found if k not in expected) if strict else []
     if not (mismatched or missing or unexpected):
         return
     problems = []
