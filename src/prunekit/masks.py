@@ -145,6 +145,11 @@ def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, torc
             state = _MASKED.get(param)
             if state is not None and id(param) not in seen:
                 seen.add(id(param))
+                # A tied weight is reported on the module that holds its mask buffer.
+                owner = state.module()
+                if owner is not None and owner is not module:
+                    name = next((n for n, m in model.named_modules() if m is owner), name)
+                    module = owner
                 yield name, module, param_name, state.mask
 
 

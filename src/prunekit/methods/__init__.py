@@ -45,4 +45,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import classic  # noqa: E402,F401  (registration side effects)
+from . import classic, wanda  # noqa: E402,F401  (registration side effects)

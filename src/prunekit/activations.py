@@ -1,0 +1,80 @@
+"""Input statistics of linear layers, gathered with forward pre-hooks during calibration.
+
+One accumulator per layer: per-input-column sums of squares (Wanda's ||X_j||^2), sums (means, for FLAP), and on
+request the Hessian X X^T (SparseGPT). Inputs are flattened to (tokens, features), so it serves Linear and
+transformers' Conv1D alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+
+class InputStats:
+    """Running statistics of one layer's inputs over all calibration tokens."""
+
+    def __init__(self, features: int, hessian: bool = False) -> None:
+        self.features = features
+        self.tokens = 0
+        self.sum = torch.zeros(features, dtype=torch.float64)
+        self.sum_sq = torch.zeros(features, dtype=torch.float64)
+        self.xtx = torch.zeros(features, features, dtype=torch.float32) if hessian else None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs (any leading shape, last dimension = features)."""
+        x = x.detach().reshape(-1, self.features).float().cpu()
+        self.tokens += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sum_sq += (x * x).sum(0, dtype=torch.float64)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+    @property
+    def column_norm_sq(self) -> torch.Tensor:
+        """||X_j||_2^2 per input column, over all tokens."""
+        return self.sum_sq.float()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean of each input column."""
+        return (self.sum / max(self.tokens, 1)).float()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance of each input column (FLAP's fluctuation)."""
+        mean = self.sum / max(self.tokens, 1)
+        return (self.sum_sq / max(self.tokens, 1) - mean * mean).clamp_min(0).float()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """H = 2 X X^T / n, the Hessian of the layer-wise squared error."""
+        if self.xtx is None:
+            raise RuntimeError("this accumulator was created without hessian=True")
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear or a transformers Conv1D (whose weight is stored (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.weight.shape[0]
+
+
+@contextlib.contextmanager
+def recording(layers: Mapping[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, InputStats]]:
+    """Attach accumulators to layers for the duration of a with-block."""
+    stats = {name: InputStats(in_features(layer), hessian) for name, layer in layers.items()}
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
+        for name, layer in layers.items()
+    ]
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()

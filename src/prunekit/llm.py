@@ -1,0 +1,319 @@
+"""Post-training pruning of causal LMs with calibration data: Wanda and SparseGPT, with uniform or OWL allocation.
+
+Runs on the block-by-block engine of calibration.py: each decoder block gathers its linear layers' input statistics
+over the calibration set (the pass stops at the block's last linear layer: nothing after it is needed), prunes them,
+and hands its pruned outputs to the next block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import masks as mask_engine
+from .activations import InputStats, recording
+from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
+from .layout import from_matrix, to_matrix
+from .patterns import NM, Unstructured, parse_pattern
+from .reconstruct.sparsegpt import sparsegpt_prune
+from .report import Report, layer_sparsity
+from .selection import Target, select
+
+SOLVERS = ("wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Validated settings of one LLM pruning run."""
+
+    solver: str
+    pattern: Unstructured | NM
+    sparsities: list[float]  # one per decoder block
+    allocation: str
+    blocksize: int
+    dampening: float
+    owl_m: float
+    owl_lambda: float
+
+
+# --- pure pieces ----------------------------------------------------------------------------------------------------
+
+
+def wanda_scores(weight_matrix: torch.Tensor, column_norm_sq: torch.Tensor) -> torch.Tensor:
+    """Wanda (Sun et al. 2024): |W_ij| * ||X_j||_2, for an (outputs x inputs) weight."""
+    return weight_matrix.detach().abs().float() * column_norm_sq.sqrt().reshape(1, -1)
+
+
+def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask removing the round(sparsity * inputs) lowest scores of every output row (Wanda's comparison group)."""
+    rows, cols = scores.shape
+    k = round(sparsity * cols)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        drop = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        keep.scatter_(1, drop, False)
+    return keep
+
+
+def outlier_ratio(scores: torch.Tensor, m: float = 5.0) -> float:
+    """OWL's layer outlier ratio: the share of scores above m times their mean."""
+    flat = scores.reshape(-1).float()
+    return float((flat > m * flat.mean()).float().mean())
+
+
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float = 0.08) -> list[float]:
+    """OWL (Yin et al. 2024): S_l = S - (r_l - mean r), r the outlier ratios rescaled to [0, 2 lambda]."""
+    r = torch.tensor(list(ratios), dtype=torch.float64)
+    spread = float(r.max() - r.min())
+    if spread == 0:
+        return [sparsity] * len(ratios)
+    r = (r - r.min()) / spread * (2 * lam)
+    result = sparsity - (r - r.mean())
+    if float(result.max()) >= 1 or float(result.min()) < 0:
+        raise ArgumentError("owl_lambda", lam, f"a smaller value: with sparsity {sparsity} it pushes a block outside [0, 1)")
+    return [float(s) for s in result]
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+def _resolve_sparsities(sparsity: Any, n_blocks: int, pattern) -> list[float]:
+    if isinstance(pattern, NM):
+        implied = 1 - pattern.n / pattern.m
+        if sparsity is not None and (isinstance(sparsity, (list, tuple)) or abs(check_sparsity(sparsity) - implied) > 1e-9):
+            raise ArgumentError("sparsity", sparsity, f"{implied:g} (or None): pattern {pattern.name} fixes it")
+        return [implied] * n_blocks
+    if isinstance(sparsity, (list, tuple)):
+        if len(sparsity) != n_blocks:
+            raise ArgumentError("sparsity", f"<list of {len(sparsity)}>",
+                                f"one number, or a list with one sparsity per decoder block ({n_blocks})")
+        return [check_sparsity(s, f"sparsity[{i}]") for i, s in enumerate(sparsity)]
+    if sparsity is None:
+        raise ArgumentError("sparsity", None, "a number in [0, 1), or a list with one per decoder block")
+    return [check_sparsity(sparsity)] * n_blocks
+
+
+def _settings(model, solver, sparsity, pattern, allocation, blocksize, dampening, owl_m, owl_lambda, n_blocks):
+    if solver not in SOLVERS:
+        raise unknown_choice("solver", solver, SOLVERS)
+    if allocation not in ALLOCATIONS:
+        raise unknown_choice("allocation", allocation, ALLOCATIONS)
+    pattern = parse_pattern(pattern)
+    if not isinstance(pattern, (Unstructured, NM)):
+        raise ArgumentError("pattern", pattern.name, "'unstructured' or N:M for calibration-based LLM pruning")
+    if isinstance(pattern, NM) and allocation == "owl":
+        raise ArgumentError("allocation", allocation, "'uniform' with an N:M pattern (N:M fixes every layer's sparsity)")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ArgumentError("blocksize", blocksize, "a positive integer (128 in the paper)")
+    if isinstance(pattern, NM) and blocksize % pattern.m:
+        raise ArgumentError("blocksize", blocksize, f"a multiple of M={pattern.m} so N:M groups never straddle blocks")
+    if not isinstance(dampening, (int, float)) or not 0 < dampening < 1:
+        raise ArgumentError("dampening", dampening, "a number in (0, 1); 0.01 in the paper")
+    if not isinstance(owl_m, (int, float)) or owl_m <= 0:
+        raise ArgumentError("owl_m", owl_m, "a positive number (5 in the paper)")
+    if not isinstance(owl_lambda, (int, float)) or not 0 <= owl_lambda < 0.5:
+        raise ArgumentError("owl_lambda", owl_lambda, "a number in [0, 0.5) (0.08 in the paper)")
+    sparsities = _resolve_sparsities(sparsity, n_blocks, pattern)
+    if allocation == "owl" and len(set(sparsities)) > 1:
+        raise ArgumentError("sparsity", "<list>", "one number when allocation='owl' (OWL sets the per-block values)")
+    return LLMSettings(solver, pattern, sparsities, allocation, blocksize, float(dampening), float(owl_m),
+                       float(owl_lambda))
+
+
+def _block_targets(model: nn.Module, blocks: nn.ModuleList, include, ignore) -> list[list[Target]]:
+    """The selected linear layers of every decoder block (layers outside the blocks are never touched here)."""
+    from .hf import linear_layers_of
+
+    chosen = {id(t.module): t for t in select(model, types=("linear",), include=include, ignore=ignore).targets}
+    per_block = [[chosen[id(m)] for m in linear_layers_of(block).values() if id(m) in chosen] for block in blocks]
+    if not any(per_block):
+        raise ArgumentError("include", include, "a selection that matches linear layers inside the decoder blocks")
+    return per_block
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model: nn.Module, samples: Sequence[torch.Tensor], targets: list[list[Target]], solver: str) -> int:
+    """Refuse a job predicted not to fit: hidden states of every sample, plus the largest block's Hessians."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
+    tokens = sum(int(s.numel()) for s in samples)
+    need = 2 * tokens * hidden * 4  # the resident hidden states and one block's outputs, fp32
+    stats = max((sum(_in(t) * ((_in(t) + 3) if solver == "sparsegpt" else 3) * 4 for t in block) for block in targets),
+                default=0)
+    need += stats
+    available = _available_memory()
+    if available is not None and need > 0.9 * available:
+        raise PruneError(
+            f"this job needs about {need / 2**30:.1f} GiB beyond the model ({tokens} calibration tokens x hidden "
+            f"{hidden}, plus statistics) but only {available / 2**30:.1f} GiB is available; use fewer or shorter samples"
+        )
+    return need
+
+
+def _in(target: Target) -> int:
+    return target.weight.shape[0] if target.kind == "hf_conv1d" else target.weight.shape[1]
+
+
+# --- the run --------------------------------------------------------------------------------------------------------
+
+
+class _StopBlock(Exception):
+    """Ends a statistics pass once the block's last linear layer has seen its input."""
+
+
+def gather_stats(feed, layers: dict[str, nn.Module], hessian: bool) -> dict[str, InputStats]:
+    """Run the block over all samples with accumulators on `layers`, stopping each pass after the last one."""
+    order: list[str] = []
+    with recording(layers, hessian) as stats:
+        # The first sample runs whole and shows the execution order of the layers.
+        tracers = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
+                   for n, m in layers.items()]
+        feed.run_sample(0)
+        for h in tracers:
+            h.remove()
+        if len(feed) > 1:
+            last = layers[order[-1]]
+
+            def stop(_module, _args):
+                raise _StopBlock
+
+            handle = last.register_forward_pre_hook(stop)  # registered after the stats hook, so it fires after it
+            try:
+                for sample in range(1, len(feed)):
+                    try:
+                        feed.run_sample(sample)
+                    except _StopBlock:
+                        pass
+            finally:
+                handle.remove()
+    return stats
+
+
+@torch.no_grad()
+def prune_linear(target: Target, stats: InputStats, settings: LLMSettings, sparsity: float) -> torch.Tensor:
+    """Prune one linear layer in place with the chosen solver; returns its keep-mask (weight-shaped)."""
+    weight = target.weight
+    matrix = to_matrix(weight.detach(), target.kind)
+    pattern = settings.pattern
+    if settings.solver == "wanda":
+        scores = wanda_scores(matrix, stats.column_norm_sq)
+        if isinstance(pattern, NM):
+            keep = to_matrix(pattern.mask(scores, "linear"), "linear")
+        else:
+            keep = row_keep_mask(scores, sparsity)
+        weight.masked_fill_(~from_matrix(keep, target.kind, weight.shape), 0)
+    else:
+        n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
+        updated, keep = sparsegpt_prune(matrix, stats.hessian, sparsity, n, m, settings.blocksize, settings.dampening)
+        weight.copy_(from_matrix(updated.to(weight.dtype), target.kind, weight.shape))
+    return from_matrix(keep, target.kind, weight.shape)
+
+
+def owl_ratios(model, samples, targets: list[list[Target]], settings: LLMSettings, progress: bool) -> list[float]:
+    """Outlier ratio of every block's Wanda scores, on the dense model (a first, statistics-only pass)."""
+    from .calibration import run_blocks
+
+    ratios: list[float] = []
+
+    def measure(index, name, block, feed):
+        layers = {t.name: t.module for t in targets[index]}
+        stats = gather_stats(feed, layers, hessian=False)
+        scores = [wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
+                  for t in targets[index]]
+        ratios.append(outlier_ratio(torch.cat(scores), settings.owl_m))
+
+    run_blocks(model, samples, measure, progress=progress)
+    return ratios
+
+
+def prune_causal_lm(
+    model: nn.Module,
+    samples: Sequence[torch.Tensor],
+    sparsity: float | Sequence[float] | None,
+    *,
+    solver: str = "wanda",
+    pattern: str = "unstructured",
+    allocation: str = "uniform",
+    include=None,
+    ignore=None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    apply: str = "bake",
+    checkpoint_dir=None,
+    progress: bool = True,
+) -> Report:
+    """Prune a transformers causal LM's decoder blocks with Wanda or SparseGPT on calibration token sequences."""
+    from .calibration import _check_samples, run_blocks
+    from .hf import check_causal_lm, find_decoder_blocks
+
+    started = time.perf_counter()
+    check_causal_lm(model)
+    if apply not in ("mask", "bake"):
+        raise unknown_choice("apply", apply, ("mask", "bake"))
+    _, blocks = find_decoder_blocks(model)
+    settings = _settings(model, solver, sparsity, pattern, allocation, blocksize, dampening, owl_m, owl_lambda,
+                         len(blocks))
+    targets = _block_targets(model, blocks, include, ignore)
+    for block_targets in targets:
+        for t in block_targets:
+            settings.pattern.validate(t.name, t.weight.shape, t.kind)
+            if not torch.is_floating_point(t.weight):
+                raise ModelError(f"layer {t.name!r} has {t.weight.dtype} weights; prune the float model")
+    samples = _check_samples(model, samples)
+    check_memory(model, samples, targets, settings.solver)
+
+    sparsities = settings.sparsities
+    ratios = None
+    if settings.allocation == "owl":
+        ratios = owl_ratios(model, samples, targets, settings, progress)
+        sparsities = owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
+
+    def process(index, name, block, feed):
+        block_targets = targets[index]
+        if not block_targets:
+            return
+        stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
+        for t in block_targets:
+            prune_linear(t, stats[t.name], settings, sparsities[index])
+        for t in block_targets:
+            if not torch.isfinite(t.weight).all():
+                raise PruneError(f"pruning produced non-finite weights in {t.name!r}; raise dampening")
+
+    fingerprint = dict(solver=settings.solver, pattern=settings.pattern.name, sparsities=sparsities,
+                       blocksize=settings.blocksize, dampening=settings.dampening, include=include, ignore=ignore)
+    run_blocks(model, samples, process, checkpoint_dir=checkpoint_dir, settings=fingerprint, progress=progress)
+
+    flat = [t for block_targets in targets for t in block_targets]
+    if apply == "mask":  # masks are rebuilt from the zeros, so runs resumed from a checkpoint get them too
+        for t in flat:
+            mask_engine.attach(t.module, t.weight.detach() != 0, t.param_name)
+    extra: dict[str, Any] = {"block_sparsities": sparsities, "calibration_samples": len(samples),
+                             "calibration_tokens": sum(int(s.numel()) for s in samples)}
+    if ratios is not None:
+        extra["owl_outlier_ratios"] = ratios
+    skipped = [(n, r) for n, r in select(model, types=("linear",), include=include, ignore=ignore).skipped]
+    return Report(
+        layers=[layer_sparsity(t, settings.pattern.name) for t in flat],
+        method=f"{settings.solver}{'+owl' if ratios is not None else ''}",
+        arguments=dict(solver=settings.solver, sparsity=sparsity if not isinstance(sparsity, (list, tuple)) else list(sparsity),
+                       pattern=settings.pattern.name, allocation=settings.allocation, blocksize=settings.blocksize,
+                       dampening=settings.dampening, owl_m=settings.owl_m, owl_lambda=settings.owl_lambda, apply=apply,
+                       include=include, ignore=ignore),
+        skipped=skipped, seconds=time.perf_counter() - started, extra=extra,
+    )

@@ -1,0 +1,91 @@
+"""SparseGPT (Frantar & Alistarh 2023): prune a linear layer and update the survivors to keep its outputs.
+
+With H = 2 X X^T / n (the layer-wise least-squares Hessian), columns are processed in blocks; within a block the
+mask is chosen by w^2 / [H^-1]_jj^2 (the OBS saliency) and every removed weight's error is spread over the columns
+still to come through the upper Cholesky factor of H^-1. Written from the paper's Algorithm 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ModelError
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp*I)^-1, and the mask of dead inputs (never active in calibration)."""
+    h = hessian.double().clone()  # float64: the factorisation of a 576x576..4096x4096 H is ill-conditioned in fp32
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    damp = dampening * torch.mean(torch.diagonal(h))
+    h.diagonal().add_(damp)
+    try:
+        factor = torch.linalg.cholesky(h)
+    except torch.linalg.LinAlgError as exc:
+        raise ModelError(f"the calibration Hessian is not positive definite even after dampening ({exc}); "
+                         "raise dampening or use more calibration data") from None
+    inverse = torch.cholesky_inverse(factor)
+    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+
+
+def _block_prune_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
+    """Elements to prune in each column block so the layer total is exactly round(sparsity * rows * cols)."""
+    counts, done = [], 0
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        target = round(sparsity * rows * end)
+        counts.append(target - done)
+        done = target
+    return counts
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float = 0.5,
+    n: int | None = None,
+    m: int | None = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune an (outputs x inputs) weight with SparseGPT; returns (updated weight, keep-mask).
+
+    Unstructured: exactly round(sparsity * numel) weights are removed. N:M (n kept of every m inputs): m must divide
+    blocksize so groups never straddle a block.
+    """
+    w = weight.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    rows, cols = w.shape
+    hinv, dead = inverse_hessian_factor(hessian, dampening)
+    w[:, dead] = 0
+    keep = torch.ones_like(w, dtype=torch.bool)
+    counts = _block_prune_counts(rows, cols, blocksize, sparsity) if n is None else None
+
+    for b, start in enumerate(range(0, cols, blocksize)):
+        end = min(start + blocksize, cols)
+        w1 = w[:, start:end].clone()
+        hinv1 = hinv[start:end, start:end]
+        d = torch.diagonal(hinv1)
+        err1 = torch.zeros_like(w1)
+        pruned1 = torch.zeros(w1.shape, dtype=torch.bool)
+        if n is None and counts[b]:
+            saliency = (w1**2 / d.reshape(1, -1) ** 2).reshape(-1)
+            order = torch.sort(saliency, stable=True).indices[: counts[b]]
+            pruned1.view(-1)[order] = True
+        for i in range(end - start):
+            if n is not None and i % m == 0:
+                saliency = w1[:, i:i + m] ** 2 / d[i:i + m].reshape(1, -1) ** 2
+                drop = torch.sort(saliency, dim=1, stable=True).indices[:, : m - n]
+                pruned1[:, i:i + m].scatter_(1, drop, True)
+            col = w1[:, i]
+            q = col.masked_fill(pruned1[:, i], 0)
+            e = (col - q) / d[i]
+            # OBS update: compensate the removed weights with the columns not yet processed.
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, start:end] = w1
+        keep[:, start:end] = ~pruned1
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    w.masked_fill_(~keep, 0)
+    return w.to(weight.dtype), keep
