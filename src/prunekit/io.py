@@ -34,6 +34,7 @@ from .errors import ArgumentError, FormatError
 from .report import LayerSparsity, Report, sparsity_report
 
 FORMAT = "prunekit"
+HF_FORMAT = "prunekit-hf"  # a transformers save_pretrained folder with prunekit.json beside it
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 MASKS_FILE = "masks.safetensors"
@@ -114,7 +115,7 @@ def save(
         manifest = build_manifest(report, stored, aliases, [entry for _, entry, _ in masked], files, extra)
         _write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str) + "\n")
         _fsync_dir(staging)
-        _move_into_place(staging, dest)
+        move_into_place(staging, dest)
     except BaseException:
         # KeyboardInterrupt included: the staging folder must not outlive a failed save.
         shutil.rmtree(staging, ignore_errors=True)
@@ -306,7 +307,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _move_into_place(staging: Path, dest: Path) -> None:
+def move_into_place(staging: Path, dest: Path) -> None:
     """Rename the finished folder onto `dest`; an existing one is moved aside first and restored if that fails."""
     if not dest.exists():
         os.rename(staging, dest)
@@ -339,7 +340,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{file}: not a readable JSON manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in (FORMAT, HF_FORMAT):
         raise FormatError(f"{file}: not a prunekit manifest (no \"format\": \"{FORMAT}\" entry)")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -348,7 +349,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise FormatError(
             f"{file}: format_version {version} is newer than this prunekit reads ({FORMAT_VERSION}); upgrade prunekit"
         )
-    for key, kind in (("files", dict), ("masks", list), ("tensors", dict)):
+    # A transformers folder (export.save_pretrained) keeps its weights in transformers' own files.
+    required = (("files", dict),) if manifest["format"] == HF_FORMAT else (("files", dict), ("masks", list), ("tensors", dict))
+    for key, kind in required:
         if not isinstance(manifest.get(key), kind):
             raise FormatError(f"{file}: the {key!r} entry is missing or not a {kind.__name__}")
     return manifest
@@ -366,6 +369,8 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> R
     if not folder.is_dir():
         raise FormatError(f"{folder} is not a folder written by prunekit.io.save")
     manifest = read_manifest(folder)
+    if manifest["format"] == HF_FORMAT:
+        raise FormatError(f"{folder} is a transformers folder: load it with from_pretrained, not prunekit.load")
     for name in (MODEL_FILE, MASKS_FILE):
         verify_file(folder, name, manifest)
     stored = _read_safetensors(folder / MODEL_FILE)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import masks as mask_engine
-from .activations import InputStats, recording
+from .activations import InputStats
 from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
 from .layout import from_matrix, to_matrix
 from .patterns import NM, Unstructured, parse_pattern
@@ -55,7 +55,8 @@ def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     k = round(sparsity * cols)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k:
-        drop = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        # topk selects without a full sort (several times faster on wide layers); the count stays exact.
+        drop = torch.topk(scores, k, dim=1, largest=False, sorted=False).indices
         keep.scatter_(1, drop, False)
     return keep
 
@@ -176,30 +177,55 @@ class _StopBlock(Exception):
 
 
 def gather_stats(feed, layers: dict[str, nn.Module], hessian: bool) -> dict[str, InputStats]:
-    """Run the block over all samples with accumulators on `layers`, stopping each pass after the last one."""
+    """Input statistics of `layers` over all samples of a block; layers fed the same tensor share one accumulator.
+
+    The first sample runs whole and shows the execution order and which layers share an input (q/k/v, gate/up);
+    the others stop at the block's last linear layer, since nothing after it feeds a statistic.
+    """
     order: list[str] = []
-    with recording(layers, hessian) as stats:
-        # The first sample runs whole and shows the execution order of the layers.
-        tracers = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n) if n not in order else None)
-                   for n, m in layers.items()]
+    groups: list[tuple[torch.Tensor, list[str]]] = []  # input tensor (held, so ids are not reused) -> layers it fed
+    stats: dict[str, InputStats] = {}
+
+    def trace(name: str, x: torch.Tensor) -> None:
+        if name in stats:
+            return
+        order.append(name)
+        members = next((m for tensor, m in groups if tensor is x), None)
+        if members is None:
+            members = []
+            groups.append((x, members))
+            shared = InputStats(x.shape[-1], hessian)
+            shared.update(x)
+        else:
+            shared = stats[members[0]]
+        members.append(name)
+        stats[name] = shared
+
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: trace(n, args[0])) for n, m in layers.items()]
+    try:
         feed.run_sample(0)
-        for h in tracers:
+    finally:
+        for h in handles:
             h.remove()
-        if len(feed) > 1:
-            last = layers[order[-1]]
+    if len(feed) == 1:
+        return stats
 
-            def stop(_module, _args):
-                raise _StopBlock
+    def stop(_module, _args):
+        raise _StopBlock
 
-            handle = last.register_forward_pre_hook(stop)  # registered after the stats hook, so it fires after it
+    leaders = [members[0] for _, members in groups]
+    groups.clear()
+    handles = [layers[n].register_forward_pre_hook(lambda _m, args, s=stats[n]: s.update(args[0])) for n in leaders]
+    handles.append(layers[order[-1]].register_forward_pre_hook(stop))  # after the stats hooks, so it fires last
+    try:
+        for sample in range(1, len(feed)):
             try:
-                for sample in range(1, len(feed)):
-                    try:
-                        feed.run_sample(sample)
-                    except _StopBlock:
-                        pass
-            finally:
-                handle.remove()
+                feed.run_sample(sample)
+            except _StopBlock:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
     return stats
 
 

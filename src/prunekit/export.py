@@ -1,0 +1,98 @@
+"""Write a pruned transformers model as an ordinary `save_pretrained` folder, plus prunekit's manifest.
+
+The folder loads with plain ``AutoModelForCausalLM.from_pretrained`` on a machine without prunekit. It is built in
+a staging folder beside the destination and renamed into place, so an interrupted run never leaves half of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from .errors import ArgumentError
+from .io import HF_FORMAT, MANIFEST_FILE, move_into_place, sha256_file
+from .report import Report, sparsity_report
+
+
+def _check_destination(dest: Path, overwrite: bool) -> None:
+    if not dest.exists():
+        return
+    if not dest.is_dir():
+        raise ArgumentError("out", str(dest), "a folder to write (it exists as a file)")
+    if overwrite or not any(dest.iterdir()) or (dest / MANIFEST_FILE).is_file():
+        return
+    raise ArgumentError("out", str(dest), "a new folder, an empty one, or an earlier prunekit output",
+                        "It holds files prunekit did not write; pass overwrite=True to replace it.")
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("prunekit", "torch", "transformers", "safetensors"):
+        try:
+            versions[f"{package}_version"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def manifest_for(report: Report, files: Mapping[str, str], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The prunekit.json of a transformers folder: what was run, the sparsity reached, file checksums."""
+    summary = report.to_dict()
+    return {
+        "format": HF_FORMAT,
+        "format_version": 1,
+        **_versions(),
+        "method": report.method,
+        "arguments": summary["arguments"],
+        "seed": report.arguments.get("seed"),
+        "sparsity": summary["total"],
+        "layers": summary["layers"],
+        "report": {"skipped": summary["skipped"], "notes": summary["notes"], "seconds": summary["seconds"],
+                   "extra": report.extra},
+        "files": {name: {"sha256": digest} for name, digest in files.items()},
+        "extra": dict(extra or {}),
+    }
+
+
+def save_pretrained(
+    model: nn.Module,
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    report: Report | None = None,
+    extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a (pruned) transformers model, its tokenizer and prunekit.json into `out`, atomically."""
+    if not hasattr(model, "save_pretrained"):
+        raise ArgumentError("model", type(model).__name__, "a transformers PreTrainedModel (use prunekit.save otherwise)")
+    dest = Path(out)
+    _check_destination(dest, overwrite)
+    report = report if report is not None else sparsity_report(model)
+    # The counts are taken from the weights being written, not from what the report once said.
+    recount = {row.name: row for row in sparsity_report(model).layers}
+    for row in report.layers:
+        if row.name in recount:
+            row.zeros = recount[row.name].zeros
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        files = {p.name: sha256_file(p) for p in sorted(staging.glob("*.safetensors"))}
+        manifest = manifest_for(report, files, extra)
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+        move_into_place(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest

@@ -1,0 +1,103 @@
+"""The LLM job end to end: load -> calibration samples -> perplexity before -> prune -> perplexity after -> save.
+
+Every argument is checked before the model is loaded, and the output folder is written atomically at the very end.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ArgumentError, check_sparsity
+from .methods import get_method
+
+# When calibration and evaluation come from the same text, the last tenth is held out for evaluation.
+HELD_OUT_SHARE = 0.1
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def split_held_out(text: str, share: float = HELD_OUT_SHARE) -> tuple[str, str]:
+    """(calibration part, evaluation part) of one text, cut at a line break near the split point."""
+    cut = int(len(text) * (1 - share))
+    newline = text.rfind("\n", 0, cut)
+    cut = newline if newline > 0 else cut
+    return text[:cut], text[cut:]
+
+
+def prune_language_model(
+    model: str | os.PathLike = "smollm2-135m",
+    method: str = "wanda",
+    sparsity: float | list[float] | None = 0.5,
+    *,
+    pattern: str = "unstructured",
+    calib: str | os.PathLike | None = None,
+    ppl: str | os.PathLike | None = None,
+    n_samples: int = 128,
+    seq_len: int = 256,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    eval_tokens: int = 8192,
+    window: int = 512,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Prune a causal LM with calibration text and measure perplexity before and after; optionally save it."""
+    from . import prune
+    from .calibration import calibration_samples, load_text
+    from .evaluate import perplexity
+    from .export import _check_destination, save_pretrained
+    from .hf import check_sequence_length
+    from .zoo import load_causal_lm
+
+    recipe = get_method(method)
+    if not isinstance(sparsity, (list, tuple)) and sparsity is not None:
+        check_sparsity(sparsity)
+    for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("eval_tokens", eval_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArgumentError(name, value, "a positive integer")
+    if out is not None:
+        _check_destination(Path(out), overwrite)
+    calib_text = load_text(calib)
+    eval_text = load_text(ppl) if ppl is not None else None
+    if eval_text is None or (ppl == calib):
+        calib_text, eval_text = split_held_out(calib_text)
+
+    started = time.perf_counter()
+    lm, tokenizer = load_causal_lm(model)
+    load_seconds = time.perf_counter() - started
+    check_sequence_length(lm, seq_len)
+    samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
+
+    def measure() -> float:
+        return perplexity(lm, tokenizer, eval_text, window=min(window, seq_len * 4, eval_tokens), max_tokens=eval_tokens,
+                          progress=progress)
+
+    dense_ppl = measure()
+    started = time.perf_counter()
+    data = samples if recipe.runner is not None else None
+    report = prune(lm, recipe.name, sparsity, pattern=pattern, data=data, apply="bake", seed=seed,
+                   **({"checkpoint_dir": checkpoint_dir, "progress": progress} if recipe.runner is not None else {}),
+                   **options)
+    prune_seconds = time.perf_counter() - started
+    pruned_ppl = measure()
+    summary = {
+        "model": os.fspath(model), "method": recipe.name, "pattern": pattern, "sparsity": report.sparsity,
+        "dense_perplexity": dense_ppl, "pruned_perplexity": pruned_ppl, "load_seconds": load_seconds,
+        "prune_seconds": prune_seconds, "peak_rss_mib": peak_rss_mib(), "calibration_samples": len(samples),
+        "seq_len": seq_len, "seed": seed,
+    }
+    report.extra.update({k: v for k, v in summary.items() if k not in ("model", "method", "pattern", "sparsity")})
+    if out is not None:
+        save_pretrained(lm, out, tokenizer=tokenizer, report=report, extra={"job": summary}, overwrite=overwrite)
+        summary["out"] = os.fspath(out)
+    summary["report"] = report
+    return summary
