@@ -1,0 +1,389 @@
+"""The `prunekit` command: list methods, run the demo, prune a model to a folder, and read a saved folder's report.
+
+Every PruneError ends the command with `prunekit: error: <message>` on stderr and exit code 2 (argparse's own code
+for bad usage), never a traceback. Progress goes to stderr, results to stdout, so `--json` output can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .errors import ArgumentError, PruneError, check_sparsity, unknown_choice
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEMO_SPARSITY = 0.8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models the CLI can prune
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune, with what its methods may need and how to measure it."""
+
+    name: str
+    model: nn.Module
+    prune_options: dict[str, Any] = field(default_factory=dict)  # data, n_batches, example_inputs, types, ...
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None  # metric name -> value
+    extra: dict[str, Any] = field(default_factory=dict)  # stored in the saved report (how to rebuild the model)
+
+
+def _load_digits_cnn(seed: int, log: Callable[[str], None], progress: bool) -> LoadedModel:
+    """The embedded example: DigitsCNN trained on the spot on scikit-learn's digits (a few seconds)."""
+    from . import examples
+
+    data = examples.load_digits_data()
+    log(f"training digits-cnn on {len(data.y_train)} digits ({examples.DENSE_EPOCHS} epochs, seed {seed})")
+    model = examples.train_dense(data, seed=seed, progress=progress)
+    return LoadedModel(
+        name="digits-cnn", model=model, prune_options=examples.prune_options(data, seed),
+        evaluate=lambda m: {"accuracy": examples.accuracy(m, data.x_test, data.y_test)},
+        extra={"model": "digits-cnn", "model_class": "prunekit.examples.DigitsCNN"},
+    )
+
+
+# Name -> loader(seed, log, progress). Causal LMs (embedded names and model folders) are added in _load_model.
+MODELS: dict[str, Callable[[int, Callable[[str], None], bool], LoadedModel]] = {"digits-cnn": _load_digits_cnn}
+
+
+def _load_model(name: str, seed: int = 0, log: Callable[[str], None] = print, progress: bool = False) -> LoadedModel:
+    """The one place that turns a MODEL argument into a model: add new kinds of model (names, folders) here."""
+    if name in MODELS:
+        return MODELS[name](seed, log, progress)
+    raise unknown_choice("MODEL", name, MODELS)
+
+
+def _known_model(name: str) -> None:
+    """Fail on a MODEL argument _load_model cannot handle, before any slow work."""
+    if name not in MODELS:
+        raise unknown_choice("MODEL", name, MODELS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List the registered methods as text, JSON or a Markdown table."""
+    rows = method_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.markdown:
+        print(methods_markdown(rows))
+    else:
+        print(methods_text(rows))
+    return EXIT_OK
+
+
+def method_rows() -> list[dict[str, Any]]:
+    """One dictionary per registered method, in registration order."""
+    from .methods import METHODS
+    from .scores import DATA_FREE
+
+    rows = []
+    for method in METHODS.values():
+        custom = method.runner is not None
+        rows.append({
+            "name": method.name, "summary": method.summary, "paper": method.paper,
+            "score": method.score, "budget": method.budget, "rounds": method.rounds, "runner": custom,
+            # A method with its own runner checks its own data needs (prunekit's score registry does not know them).
+            "needs_data": None if custom else method.score not in DATA_FREE,
+        })
+    return rows
+
+
+def methods_text(rows: list[dict[str, Any]]) -> str:
+    """A terminal listing: name and summary, then the recipe and the paper indented below."""
+    width = max(len(r["name"]) for r in rows) + 2
+    out = []
+    for r in rows:
+        out.append(r["name"].ljust(width) + r["summary"])
+        out.append(" " * width + _recipe(r))
+        out.append(" " * width + r["paper"])
+    return "\n".join(out)
+
+
+def _recipe(row: dict[str, Any]) -> str:
+    """'score=..., budget=..., data' in words."""
+    if row["runner"]:
+        return f"score={row['score']}, budget={row['budget']}, its own runner"
+    rounds = f", {row['rounds']} rounds" if row["rounds"] > 1 else ""
+    data = "needs data" if row["needs_data"] else "data-free"
+    return f"score={row['score']}, budget={row['budget']}{rounds}, {data}"
+
+
+def methods_markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the methods (pasted into README.md)."""
+    out = ["| method | what it removes | score / budget | paper |", "|---|---|---|---|"]
+    for r in rows:
+        cells = [f"`{r['name']}`", r["summary"], _recipe(r), r["paper"]]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Train, prune, fine-tune and measure the digits CNN."""
+    from .examples import run_digits_demo
+    from .methods import get_method
+    from .patterns import NM, parse_pattern
+
+    get_method(args.method)  # a typo fails before the model is trained
+    pattern = parse_pattern(args.pattern)
+    sparsity = args.sparsity
+    if sparsity is None and not isinstance(pattern, NM):  # an N:M pattern fixes the sparsity itself
+        sparsity = DEMO_SPARSITY
+    log = _stderr_log(args.quiet)
+    result = run_digits_demo(args.method, sparsity, args.finetune_epochs, seed=args.seed, pattern=pattern,
+                             progress=not args.quiet, log=log)
+    report = result["report"]
+    if args.json:
+        summary = {k: v for k, v in result.items() if k not in ("model", "report")}
+        print(json.dumps({**summary, "report": report.to_dict()}, indent=2, default=str))
+        return EXIT_OK
+    print(report.table())
+    print()
+    print(f"digits-cnn, {report.method} at {100 * report.sparsity:.1f}% sparsity, "
+          "accuracy on the held-out 25% of the digits:")
+    print(f"  dense accuracy      {100 * result['dense_accuracy']:6.2f}%")
+    print(f"  pruned accuracy     {100 * result['pruned_accuracy']:6.2f}%   (one shot, no retraining)")
+    if result["finetuned_accuracy"] is not None:
+        print(f"  fine-tuned accuracy {100 * result['finetuned_accuracy']:6.2f}%   "
+              f"({result['finetune_epochs']} epochs with the masks enforced)")
+    seconds = result["seconds"]
+    print("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    return EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune MODEL with a method and save it with its masks and report to --out."""
+    from . import io
+    from .api import prune
+
+    _validate_prune_args(args)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    log = _stderr_log(args.quiet)
+    loaded = _load_model(args.model, seed=args.seed, log=log, progress=not args.quiet)
+    before = _evaluate(loaded, "dense", log) if not args.no_eval else None
+
+    log(f"pruning {loaded.name} with {args.method}")
+    options = {**loaded.prune_options, **_prune_kwargs(args)}
+    report = prune(loaded.model, args.method, args.sparsity, **options)
+    report.extra.update(loaded.extra)
+    if before is not None:
+        report.extra["metrics"] = {"dense": before, "pruned": _evaluate(loaded, "pruned", log)}
+
+    folder = io.save(loaded.model, out, report, overwrite=args.overwrite)
+    log(f"saved to {folder}")
+    # Print what was saved (counts re-read from the folder), so `prunekit report DIR` shows exactly the same.
+    _print_report(io.report_from_manifest(io.read_manifest(folder)), args.json, folder)
+    return EXIT_OK
+
+
+def _validate_prune_args(args: argparse.Namespace) -> None:
+    """Cheap checks first, so a typo fails at once rather than after loading or training a model."""
+    from .methods import get_method
+    from .patterns import parse_pattern
+
+    _known_model(args.model)
+    get_method(args.method)
+    parse_pattern(args.pattern)
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that holds anything but an earlier prunekit save, before any work is done."""
+    from .io import is_prunekit_folder
+
+    if out.exists() and not out.is_dir():
+        raise ArgumentError("--out", str(out), "a folder to write (it exists as a file)")
+    if out.is_dir() and not overwrite and any(out.iterdir()) and not is_prunekit_folder(out):
+        raise ArgumentError("--out", str(out), "a new folder, an empty one, or an earlier prunekit save",
+                            "It holds other files; pass --overwrite to replace the whole folder.")
+
+
+def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """prune() keyword arguments from the command line (only those given, so method defaults apply)."""
+    kwargs: dict[str, Any] = {"pattern": args.pattern, "seed": args.seed, "apply": args.apply,
+                              "min_keep": args.min_keep}
+    for name in ("score", "budget", "include", "ignore"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def _evaluate(loaded: LoadedModel, stage: str, log: Callable[[str], None]) -> dict[str, float] | None:
+    """The model's metrics, logged; None when the model has no evaluation."""
+    if loaded.evaluate is None:
+        return None
+    metrics = loaded.evaluate(loaded.model)
+    log(f"{stage}: " + ", ".join(_metric(k, v) for k, v in metrics.items()))
+    return metrics
+
+
+def _metric(name: str, value: float) -> str:
+    """'accuracy 99.33%' or 'perplexity 24.72'."""
+    return f"{name} {_value(name, value)}"
+
+
+def _value(name: str, value: float | None) -> str:
+    """A metric value in its usual unit: accuracy in percent, anything else to four digits."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.2f}%" if name == "accuracy" else f"{value:.4g}"
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print the sparsity report stored in a saved folder."""
+    from . import io
+
+    folder = Path(args.dir)
+    if not folder.exists():
+        raise ArgumentError("DIR", str(folder), "a folder written by `prunekit prune` or prunekit.io.save",
+                            "No such folder.")
+    _print_report(io.report_from_manifest(io.read_manifest(folder)), args.json, folder)
+    return EXIT_OK
+
+
+def _print_report(report: Any, as_json: bool, folder: Path) -> None:
+    """The report as JSON, or a heading, the table and the stored metrics."""
+    if as_json:
+        print(report.to_json())
+        return
+    model = report.extra.get("model", "model")
+    print(f"{folder}: {model}, {report.method or 'no method'}, "
+          f"{100 * report.sparsity:.2f}% of {report.total:,} weights pruned")
+    arguments = {k: v for k, v in report.arguments.items() if v not in (None, [], 0) or k == "sparsity"}
+    print("arguments: " + ", ".join(f"{k}={v}" for k, v in arguments.items()))
+    print()
+    print(report.table())
+    metrics = report.extra.get("metrics") or {}
+    if metrics.get("dense") and metrics.get("pruned"):
+        print()
+        for name, dense in metrics["dense"].items():
+            print(f"{name}: dense {_value(name, dense)} -> pruned {_value(name, metrics['pruned'].get(name))}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _sparsity(text: str) -> float:
+    """argparse type for a sparsity; the range is checked by prunekit so the message names the argument."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+
+
+def _min_keep(text: str) -> float | int:
+    """A weight count ('100') or a share of each layer ('0.05')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"min-keep must be a count or a share in [0, 1), got {text!r}") from None
+    # prune() reads an int as a weight count and a float below 1 as a share of each layer.
+    return int(value) if value >= 1 and math.isfinite(value) and value == int(value) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="prunekit", description="Prune neural networks the way the research literature does.",
+        epilog="Errors in arguments exit with code 2 and a message naming the argument.",
+    )
+    parser.add_argument("--version", action="version", version=f"prunekit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    methods = sub.add_parser("methods", help="list the registered pruning methods and their papers")
+    style = methods.add_mutually_exclusive_group()
+    style.add_argument("--json", action="store_true", help="print JSON")
+    style.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    methods.set_defaults(run=cmd_methods)
+
+    demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it, fine-tune it, compare")
+    demo.add_argument("--method", default="global-magnitude", help="a method from `prunekit methods`")
+    demo.add_argument("--sparsity", type=_sparsity,
+                      help=f"share of weights to remove (default {DEMO_SPARSITY}; an N:M pattern implies its own)")
+    demo.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or RxC blocks (4x1)")
+    demo.add_argument("--finetune-epochs", type=int, default=3, help="epochs of fine-tuning after pruning (0: none)")
+    demo.add_argument("--seed", type=int, default=0)
+    _output_flags(demo)
+    demo.set_defaults(run=cmd_demo)
+
+    prune = sub.add_parser("prune", help="prune a model and save it (safetensors + JSON manifest) to --out")
+    prune.add_argument("model", metavar="MODEL", help="a model name: " + ", ".join(MODELS))
+    prune.add_argument("--method", required=True, help="a method from `prunekit methods`")
+    prune.add_argument("--sparsity", type=_sparsity, help="share of the selected weights to remove, in [0, 1)")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or RxC blocks (4x1)")
+    prune.add_argument("--score", help="override the method's score")
+    prune.add_argument("--budget", help="override the method's budget: uniform, global, erk, lamp, rate-distortion")
+    prune.add_argument("--min-keep", type=_min_keep, default=0,
+                       help="per-layer floor for global budgets: a weight count, or a share of each layer if < 1")
+    prune.add_argument("--include", nargs="+", action="extend", metavar="PATTERN",
+                       help="only these layers (glob on module names, or 're:REGEX')")
+    prune.add_argument("--ignore", nargs="+", action="extend", metavar="PATTERN", help="leave these layers dense")
+    prune.add_argument("--apply", choices=("mask", "bake"), default="mask",
+                       help="save masks with the weights (default) or only the zeros")
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", required=True, metavar="DIR", help="folder to write (atomically)")
+    prune.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
+    prune.add_argument("--no-eval", action="store_true", help="skip measuring the model before and after")
+    _output_flags(prune)
+    prune.set_defaults(run=cmd_prune)
+
+    report = sub.add_parser("report", help="print the sparsity report stored in a saved folder")
+    report.add_argument("dir", metavar="DIR", help="a folder written by `prunekit prune`")
+    report.add_argument("--json", action="store_true", help="print JSON")
+    report.set_defaults(run=cmd_report)
+    return parser
+
+
+def _output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON on stdout")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def _stderr_log(quiet: bool) -> Callable[[str], None]:
+    """A logger for progress lines on stderr (stdout stays clean for results)."""
+    if quiet:
+        return lambda message: None
+    return lambda message: print(f"prunekit: {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `prunekit` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except PruneError as error:
+        print(f"prunekit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as error:  # an optional extra is missing: say which, without a traceback
+        print(f"prunekit: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("prunekit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (`prunekit methods | head`): point stdout at /dev/null so the exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
