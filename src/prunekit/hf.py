@@ -6,6 +6,7 @@ Nothing here hard-codes an attribute path such as `model.model.layers` (it break
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from torch import nn
@@ -22,7 +23,11 @@ def _parameter_count(module: nn.Module) -> int:
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Qualified name and list of the repeated decoder blocks: the heaviest ModuleList of one block class."""
+    """Qualified name and list of the repeated decoder blocks: the heaviest ModuleList of one block class.
+
+    Static (no forward pass); `prunekit.calibration.capture_block_inputs` then checks that every block is
+    really called, once and in order, and raises ModelError otherwise.
+    """
     candidates = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -119,8 +124,9 @@ def check_sequence_length(model: Any, seq_len: Any, argument: str = "seq_len") -
     """Validate a user's calibration length against what the model supports; never picks one."""
     limit = max_sequence_length(model)
     allowed = f"an integer from 1 to {limit} (the model's maximum sequence length)" if limit else "a positive integer"
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
         raise ArgumentError(argument, seq_len, allowed)
+    seq_len = int(seq_len)
     if limit is not None and seq_len > limit:
         raise ArgumentError(argument, seq_len, allowed, hint="longer sequences need more memory and break positions")
     return seq_len
