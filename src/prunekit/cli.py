@@ -56,6 +56,17 @@ def _load_digits_cnn(seed: int, log: Callable[[str], None], progress: bool) -> L
 MODELS: dict[str, Callable[[int, Callable[[str], None], bool], LoadedModel]] = {"digits-cnn": _load_digits_cnn}
 
 
+def is_language_model(name: str) -> bool:
+    """Whether MODEL names a causal LM: an embedded LLM, a transformers folder, or a hub id (org/name)."""
+    from .zoo import EMBEDDED_MODELS
+
+    if name in MODELS:
+        return False
+    path = Path(os.path.expanduser(name))
+    return name.lower() in EMBEDDED_MODELS or (path / "config.json").is_file() or (
+        not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")))
+
+
 def _load_model(name: str, seed: int = 0, log: Callable[[str], None] = print, progress: bool = False) -> LoadedModel:
     """The one place that turns a MODEL argument into a model: add new kinds of model (names, folders) here."""
     if name in MODELS:
@@ -65,8 +76,10 @@ def _load_model(name: str, seed: int = 0, log: Callable[[str], None] = print, pr
 
 def _known_model(name: str) -> None:
     """Fail on a MODEL argument _load_model cannot handle, before any slow work."""
-    if name not in MODELS:
-        raise unknown_choice("MODEL", name, MODELS)
+    from .zoo import EMBEDDED_MODELS
+
+    if name not in MODELS and not is_language_model(name):
+        raise unknown_choice("MODEL", name, [*MODELS, *EMBEDDED_MODELS])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,6 +183,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .api import prune
 
     _validate_prune_args(args)
+    if is_language_model(args.model):
+        return _prune_language_model(args)
+    if isinstance(args.sparsity, list):
+        raise ArgumentError("--sparsity", ",".join(map(str, args.sparsity)), "one number for this model "
+                            "(lists of per-block sparsities are for language models)")
     out = Path(args.out)
     _check_out(out, args.overwrite)
     log = _stderr_log(args.quiet)
@@ -190,6 +208,58 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+LLM_OPTIONS = ("blocksize", "dampening", "owl_m", "owl_lambda")
+
+
+def _prune_language_model(args: argparse.Namespace) -> int:
+    """Calibrate, prune, measure perplexity and save a transformers folder that loads without prunekit."""
+    from .pipeline import prune_language_model
+
+    log = _stderr_log(args.quiet)
+    options = {name: getattr(args, name) for name in LLM_OPTIONS if getattr(args, name) is not None}
+    for name in ("include", "ignore"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    summary = prune_language_model(
+        args.model, args.method, args.sparsity, pattern=args.pattern, calib=args.calib, ppl=args.ppl,
+        n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, out=args.out, overwrite=args.overwrite,
+        eval_tokens=args.eval_tokens, checkpoint_dir=args.checkpoint_dir, evaluate=not args.no_eval,
+        progress=not args.quiet, log=log, **options,
+    )
+    report = summary.pop("report")
+    if args.json:
+        print(json.dumps({**summary, "report": report.to_dict()}, indent=2, default=str))
+        return EXIT_OK
+    print(report.table())
+    print()
+    print(f"{summary['model']}, {summary['method']} ({summary['pattern']}) at {100 * report.sparsity:.2f}% of the "
+          f"decoder's linear weights; saved to {summary['out']}")
+    if summary["dense_perplexity"] is not None:
+        print(f"  perplexity: dense {summary['dense_perplexity']:.3f} -> pruned {summary['pruned_perplexity']:.3f}")
+    print(f"  seconds: load {summary['load_seconds']:.1f}, prune {summary['prune_seconds']:.1f}; "
+          f"peak memory {summary['peak_rss_mib']:.0f} MiB")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a saved causal LM folder (loaded with plain transformers) on held-out text."""
+    from .calibration import load_text
+    from .evaluate import perplexity
+    from .pipeline import split_held_out
+    from .zoo import load_causal_lm
+
+    text = load_text(args.ppl) if args.ppl is not None else split_held_out(load_text(None))[1]
+    model, tokenizer = load_causal_lm(args.dir)
+    value = perplexity(model, tokenizer, text, window=args.window, max_tokens=args.eval_tokens,
+                       progress=not args.quiet)
+    if args.json:
+        print(json.dumps({"model": args.dir, "perplexity": value, "window": args.window,
+                          "max_tokens": args.eval_tokens}))
+    else:
+        print(f"{args.dir}: perplexity {value:.4f} (windows of {args.window}, first {args.eval_tokens} tokens)")
+    return EXIT_OK
+
+
 def _validate_prune_args(args: argparse.Namespace) -> None:
     """Cheap checks first, so a typo fails at once rather than after loading or training a model."""
     from .methods import get_method
@@ -198,7 +268,10 @@ def _validate_prune_args(args: argparse.Namespace) -> None:
     _known_model(args.model)
     get_method(args.method)
     parse_pattern(args.pattern)
-    if args.sparsity is not None:
+    if isinstance(args.sparsity, list):
+        for i, value in enumerate(args.sparsity):
+            check_sparsity(value, f"--sparsity[{i}]")
+    elif args.sparsity is not None:
         check_sparsity(args.sparsity)
 
 
@@ -279,12 +352,14 @@ def _print_report(report: Any, as_json: bool, folder: Path) -> None:
 # Parsing
 
 
-def _sparsity(text: str) -> float:
-    """argparse type for a sparsity; the range is checked by prunekit so the message names the argument."""
+def _sparsity(text: str) -> float | list[float]:
+    """argparse type for a sparsity, or a comma-separated list (one per decoder block); ranges are checked later."""
     try:
-        return float(text)
+        values = [float(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1) or a comma-separated list of them, "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def _min_keep(text: str) -> float | int:
@@ -325,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     prune = sub.add_parser("prune", help="prune a model and save it (safetensors + JSON manifest) to --out")
-    prune.add_argument("model", metavar="MODEL", help="a model name: " + ", ".join(MODELS))
+    prune.add_argument("model", metavar="MODEL", help="a model name (" + ", ".join(MODELS) +
+                       ", smollm2-135m), a transformers causal-LM folder, or a hub id")
     prune.add_argument("--method", required=True, help="a method from `prunekit methods`")
     prune.add_argument("--sparsity", type=_sparsity, help="share of the selected weights to remove, in [0, 1)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or RxC blocks (4x1)")
@@ -342,8 +418,27 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, metavar="DIR", help="folder to write (atomically)")
     prune.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     prune.add_argument("--no-eval", action="store_true", help="skip measuring the model before and after")
+    llm = prune.add_argument_group("language models (wanda, sparsegpt, owl, owl-sparsegpt, magnitude)")
+    llm.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8); default: an embedded English text")
+    llm.add_argument("--ppl", metavar="FILE", help="held-out text for perplexity; default: the last tenth of --calib")
+    llm.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    llm.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    llm.add_argument("--eval-tokens", type=int, default=8192, help="tokens of held-out text to evaluate (8192)")
+    llm.add_argument("--checkpoint-dir", metavar="DIR", help="save progress after each block; rerun to resume")
+    llm.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
+    llm.add_argument("--dampening", type=float, help="SparseGPT dampening, share of the mean diagonal (0.01)")
+    llm.add_argument("--owl-m", type=float, help="OWL outlier threshold M (default 5)")
+    llm.add_argument("--owl-lambda", type=float, help="OWL spread lambda (default 0.08)")
     _output_flags(prune)
     prune.set_defaults(run=cmd_prune)
+
+    evaluate = sub.add_parser("eval", help="perplexity of a saved causal-LM folder on held-out text")
+    evaluate.add_argument("dir", metavar="DIR", help="a transformers folder (e.g. written by `prunekit prune`)")
+    evaluate.add_argument("--ppl", metavar="FILE", help="held-out text; default: the embedded text's last tenth")
+    evaluate.add_argument("--eval-tokens", type=int, default=8192, help="tokens to evaluate (default 8192)")
+    evaluate.add_argument("--window", type=int, default=512, help="non-overlapping window length (default 512)")
+    _output_flags(evaluate)
+    evaluate.set_defaults(run=cmd_eval)
 
     report = sub.add_parser("report", help="print the sparsity report stored in a saved folder")
     report.add_argument("dir", metavar="DIR", help="a folder written by `prunekit prune`")

@@ -47,7 +47,9 @@ def prune_language_model(
     eval_tokens: int = 8192,
     window: int = 512,
     checkpoint_dir: str | os.PathLike | None = None,
+    evaluate: bool = True,
     progress: bool = True,
+    log: Any = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Prune a causal LM with calibration text and measure perplexity before and after; optionally save it."""
@@ -71,17 +73,26 @@ def prune_language_model(
     if eval_text is None or (ppl == calib):
         calib_text, eval_text = split_held_out(calib_text)
 
+    log(f"loading {os.fspath(model)}")
     started = time.perf_counter()
     lm, tokenizer = load_causal_lm(model)
     load_seconds = time.perf_counter() - started
     check_sequence_length(lm, seq_len)
     samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
+    log(f"loaded in {load_seconds:.1f} s; {len(samples)} calibration samples of {seq_len} tokens")
 
-    def measure() -> float:
+    log = log or (lambda message: None)
+
+    def measure() -> float | None:
+        if not evaluate:
+            return None
         return perplexity(lm, tokenizer, eval_text, window=min(window, seq_len * 4, eval_tokens), max_tokens=eval_tokens,
                           progress=progress)
 
     dense_ppl = measure()
+    if dense_ppl is not None:
+        log(f"dense perplexity {dense_ppl:.3f}")
+    log(f"pruning with {recipe.name}")
     started = time.perf_counter()
     data = samples if recipe.runner is not None else None
     report = prune(lm, recipe.name, sparsity, pattern=pattern, data=data, apply="bake", seed=seed,
@@ -89,6 +100,8 @@ def prune_language_model(
                    **options)
     prune_seconds = time.perf_counter() - started
     pruned_ppl = measure()
+    if pruned_ppl is not None:
+        log(f"pruned perplexity {pruned_ppl:.3f}")
     summary = {
         "model": os.fspath(model), "method": recipe.name, "pattern": pattern, "sparsity": report.sparsity,
         "dense_perplexity": dense_ppl, "pruned_perplexity": pruned_ppl, "load_seconds": load_seconds,
