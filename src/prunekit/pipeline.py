@@ -19,7 +19,18 @@ HELD_OUT_SHARE = 0.1
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    /proc/self/status VmHWM is this process's own high-water mark; ru_maxrss is not (on Linux it carries over
+    fork+exec, so a child starts at its parent's size).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

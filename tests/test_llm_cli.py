@@ -1,0 +1,112 @@
+"""The LLM job end to end: CLI prune -> a folder plain transformers loads -> eval; and a real-model check."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from prunekit.zoo import smollm2_135m  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as an ordinary transformers folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    source = smollm2_135m()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _run(*argv):
+    return subprocess.run([sys.executable, "-m", "prunekit", *map(str, argv)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_prune_writes_a_folder_plain_transformers_loads(tiny_lm_folder, tmp_path):
+    out = tmp_path / "pruned"
+    result = _run("prune", tiny_lm_folder, "--method", "sparsegpt", "--sparsity", "0.5", "--n-samples", "4",
+                  "--seq-len", "32", "--eval-tokens", "256", "--out", out, "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["report"]["total"]["sparsity"] == pytest.approx(0.5)
+    assert summary["pruned_perplexity"] > 0 and summary["dense_perplexity"] > 0
+    # Loads with plain transformers, without importing prunekit, and the zeros are there.
+    check = ("import sys, torch, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+             "w = m.model.layers[0].mlp.down_proj.weight; "
+             "print('prunekit' in sys.modules, float((w == 0).float().mean()))")
+    loaded = subprocess.run([sys.executable, "-c", check, str(out)], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr
+    imported, share = loaded.stdout.split()
+    assert imported == "False" and float(share) == pytest.approx(0.5)
+    manifest = json.loads((out / "prunekit.json").read_text())
+    assert manifest["method"] == "sparsegpt" and manifest["sparsity"]["sparsity"] == pytest.approx(0.5)
+    assert "model.safetensors" in manifest["files"]
+    # prunekit eval reads the folder back
+    result = _run("eval", out, "--eval-tokens", "256", "--window", "64", "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["perplexity"] > 1
+
+
+def test_cli_llm_bad_input_fails_before_work_and_writes_nothing(tiny_lm_folder, tmp_path):
+    out = tmp_path / "never"
+    cases = [
+        (["--method", "wanda", "--sparsity", "1.5"], "sparsity=1.5"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000"], "seq_len=100000"),
+        (["--method", "wanda", "--sparsity", "0.5,0.5,0.5"], "one sparsity per decoder block (2)"),
+        (["--method", "wandaa", "--sparsity", "0.5"], "Did you mean 'wanda'"),
+        (["--method", "wanda", "--sparsity", "0.5", "--calib", tmp_path / "missing.txt"], "no such file"),
+    ]
+    for args, message in cases:
+        proc = _run("prune", tiny_lm_folder, *args, *([] if "--seq-len" in args else ["--seq-len", "16"]),
+                    "--n-samples", "2", "--no-eval", "--out", out, "-q")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
+
+
+def test_short_calibration_text_is_refused(tiny_lm_folder, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("Too short to fill one window.")
+    proc = _run("prune", tiny_lm_folder, "--method", "wanda", "--sparsity", "0.5", "--calib", text, "--ppl", text,
+                "--seq-len", "64", "--n-samples", "2", "--no-eval", "--out", tmp_path / "o", "-q")
+    assert proc.returncode == 2 and "at least 64 tokens" in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_wanda_beats_magnitude():
+    """On the real SmolLM2-135M at 50%: magnitude is clearly worst (the literature's ordering).
+
+    SparseGPT on the real model is measured in benchmarks/llm_posttraining.py (it takes minutes on 2 cores).
+    """
+    import prunekit
+    from prunekit.calibration import calibration_samples, load_text
+    from prunekit.evaluate import perplexity
+    from prunekit.pipeline import split_held_out
+    from prunekit.zoo import load_causal_lm
+
+    calib, held_out = split_held_out(load_text(None))
+    model, tokenizer = load_causal_lm("smollm2-135m")
+    samples = calibration_samples(calib, tokenizer, 8, 128, seed=0)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for method in ("magnitude", "wanda"):
+        model.load_state_dict(dense_state)
+        report = prunekit.prune(model, method, 0.5, data=samples, apply="bake", progress=False)
+        assert report.sparsity == pytest.approx(0.5, abs=1e-6)
+        results[method] = perplexity(model, tokenizer, held_out, window=256, max_tokens=1024, progress=False)
+    model.load_state_dict(dense_state)
+    dense = perplexity(model, tokenizer, held_out, window=256, max_tokens=1024, progress=False)
+    assert dense < results["wanda"] < results["magnitude"]
+    assert results["magnitude"] > 1.5 * results["wanda"]
