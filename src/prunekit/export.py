@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from .errors import ArgumentError
-from .io import HF_FORMAT, MANIFEST_FILE, move_into_place, sha256_file
+from .io import HF_FORMAT, MANIFEST_FILE, move_into_place, run_summary, sha256_file
 from .report import Report, sparsity_report
 
 
@@ -45,18 +45,11 @@ def _versions() -> dict[str, str]:
 
 def manifest_for(report: Report, files: Mapping[str, str], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """The prunekit.json of a transformers folder: what was run, the sparsity reached, file checksums."""
-    summary = report.to_dict()
     return {
         "format": HF_FORMAT,
         "format_version": 1,
         **_versions(),
-        "method": report.method,
-        "arguments": summary["arguments"],
-        "seed": report.arguments.get("seed"),
-        "sparsity": summary["total"],
-        "layers": summary["layers"],
-        "report": {"skipped": summary["skipped"], "notes": summary["notes"], "seconds": summary["seconds"],
-                   "extra": report.extra},
+        **run_summary(report),
         "files": {name: {"sha256": digest} for name, digest in files.items()},
         "extra": dict(extra or {}),
     }

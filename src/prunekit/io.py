@@ -216,6 +216,20 @@ def _refresh_counts(model: nn.Module, report: Report) -> Report:
                   extra=dict(report.extra))
 
 
+def run_summary(report: Report) -> dict[str, Any]:
+    """The manifest entries that describe the run: method, arguments, seed, sparsity, per-layer rows, notes."""
+    summary = report.to_dict()
+    return {
+        "method": report.method,
+        "arguments": summary["arguments"],
+        "seed": report.arguments.get("seed"),
+        "sparsity": summary["total"],
+        "layers": summary["layers"],
+        "report": {"skipped": summary["skipped"], "notes": summary["notes"], "seconds": summary["seconds"],
+                   "extra": report.extra},
+    }
+
+
 def build_manifest(
     report: Report,
     stored: Mapping[str, torch.Tensor],
@@ -225,18 +239,11 @@ def build_manifest(
     extra: Mapping[str, Any],
 ) -> dict[str, Any]:
     """The prunekit.json content (a plain dict)."""
-    summary = report.to_dict()
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **_versions(),
-        "method": report.method,
-        "arguments": summary["arguments"],
-        "seed": report.arguments.get("seed"),
-        "sparsity": summary["total"],
-        "layers": summary["layers"],
-        "report": {"skipped": summary["skipped"], "notes": summary["notes"], "seconds": summary["seconds"],
-                   "extra": report.extra},
+        **run_summary(report),
         "masks": mask_entries,
         "tensors": {
             "stored": len(stored),
