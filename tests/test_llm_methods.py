@@ -181,3 +181,14 @@ def test_bad_llm_inputs():
         prune_causal_lm(torch.nn.Sequential(torch.nn.Linear(4, 4)), _samples(), 0.5, progress=False)
     assert not prunekit.masks.has_masks(model)
     assert all(float((p == 0).float().mean()) < 0.01 for p in model.parameters() if p.dim() == 2)
+
+
+def test_job_predicted_not_to_fit_is_refused_before_work(monkeypatch):
+    import prunekit.llm as llm
+
+    model = _tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(llm, "_available_memory", lambda: 1024)  # 1 KiB free
+    with pytest.raises(prunekit.PruneError, match="GiB is available"):
+        prune_causal_lm(model, _samples(), 0.5, solver="sparsegpt", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
