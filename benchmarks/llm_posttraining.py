@@ -60,6 +60,8 @@ WANDA_FLOOR_TARGET = 1.5
 if str(SRC) not in sys.path:  # run from a checkout: prunekit need not be installed in the venv
     sys.path.insert(0, str(SRC))
 
+from prunekit.io import sha256_file  # noqa: E402
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The runs
@@ -130,14 +132,6 @@ def load_samples(path: Path):
     import torch
 
     return [torch.tensor([ids], dtype=torch.long) for ids in json.loads(path.read_text())["samples"]]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def short_hash(payload: Any) -> str:

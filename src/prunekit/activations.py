@@ -1,17 +1,13 @@
-"""Input statistics of linear layers, gathered with forward pre-hooks during calibration.
+"""Input statistics of linear layers, gathered with forward pre-hooks during calibration (see llm.gather_stats).
 
-One accumulator per layer: per-input-column sums of squares (Wanda's ||X_j||^2), sums (means, for FLAP), and on
-request the Hessian X X^T (SparseGPT). Inputs are flattened to (tokens, features), so it serves Linear and
+One accumulator per distinct input: per-input-column sums of squares (Wanda's ||X_j||^2), sums (means, for FLAP),
+and on request the Hessian X X^T (SparseGPT). Inputs are flattened to (tokens, features), so it serves Linear and
 transformers' Conv1D alike.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Mapping
-
 import torch
-from torch import nn
 
 
 class InputStats:
@@ -56,25 +52,3 @@ class InputStats:
         if self.xtx is None:
             raise RuntimeError("this accumulator was created without hessian=True")
         return self.xtx * (2.0 / max(self.tokens, 1))
-
-
-def in_features(module: nn.Module) -> int:
-    """Input width of a Linear or a transformers Conv1D (whose weight is stored (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    return module.weight.shape[0]
-
-
-@contextlib.contextmanager
-def recording(layers: Mapping[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, InputStats]]:
-    """Attach accumulators to layers for the duration of a with-block."""
-    stats = {name: InputStats(in_features(layer), hessian) for name, layer in layers.items()}
-    handles = [
-        layer.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.update(args[0]))
-        for name, layer in layers.items()
-    ]
-    try:
-        yield stats
-    finally:
-        for handle in handles:
-            handle.remove()

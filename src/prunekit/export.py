@@ -20,7 +20,8 @@ from .io import HF_FORMAT, MANIFEST_FILE, move_into_place, run_summary, sha256_f
 from .report import Report, sparsity_report
 
 
-def _check_destination(dest: Path, overwrite: bool) -> None:
+def check_destination(dest: Path, overwrite: bool) -> None:
+    """Refuse an output folder holding files prunekit did not write, unless told to overwrite."""
     if not dest.exists():
         return
     if not dest.is_dir():
@@ -68,7 +69,7 @@ def save_pretrained(
     if not hasattr(model, "save_pretrained"):
         raise ArgumentError("model", type(model).__name__, "a transformers PreTrainedModel (use prunekit.save otherwise)")
     dest = Path(out)
-    _check_destination(dest, overwrite)
+    check_destination(dest, overwrite)
     report = report if report is not None else sparsity_report(model)
     # The counts are taken from the weights being written, not from what the report once said.
     recount = {row.name: row for row in sparsity_report(model).layers}

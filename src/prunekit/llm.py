@@ -17,7 +17,7 @@ from torch import nn
 from . import masks as mask_engine
 from .activations import InputStats
 from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
-from .layout import from_matrix, to_matrix
+from .layout import from_matrix, input_channels, to_matrix
 from .patterns import NM, Unstructured, parse_pattern
 from .reconstruct.sparsegpt import sparsegpt_prune
 from .report import Report, layer_sparsity
@@ -153,7 +153,8 @@ def check_memory(model: nn.Module, samples: Sequence[torch.Tensor], targets: lis
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
     tokens = sum(int(s.numel()) for s in samples)
     need = 2 * tokens * hidden * 4  # the resident hidden states and one block's outputs, fp32
-    stats = max((sum(_in(t) * ((_in(t) + 3) if solver == "sparsegpt" else 3) * 4 for t in block) for block in targets),
+    stats = max((sum(_inputs(t) * ((_inputs(t) + 3) if solver == "sparsegpt" else 3) * 4 for t in block)
+                 for block in targets),
                 default=0)
     need += stats
     available = _available_memory()
@@ -165,8 +166,8 @@ def check_memory(model: nn.Module, samples: Sequence[torch.Tensor], targets: lis
     return need
 
 
-def _in(target: Target) -> int:
-    return target.weight.shape[0] if target.kind == "hf_conv1d" else target.weight.shape[1]
+def _inputs(target: Target) -> int:
+    return input_channels(target.weight.shape, target.kind)
 
 
 # --- the run --------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def prune_language_model(
     from . import prune
     from .calibration import calibration_samples, load_text
     from .evaluate import perplexity
-    from .export import _check_destination, save_pretrained
+    from .export import check_destination, save_pretrained
     from .hf import check_sequence_length
     from .zoo import load_causal_lm
 
@@ -78,7 +78,7 @@ def prune_language_model(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ArgumentError(name, value, "a positive integer")
     if out is not None:
-        _check_destination(Path(out), overwrite)
+        check_destination(Path(out), overwrite)
     calib_text = load_text(calib)
     eval_text = load_text(ppl) if ppl is not None else None
     if eval_text is None or (ppl == calib):
