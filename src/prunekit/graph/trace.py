@@ -1,0 +1,814 @@
+"""Trace a model with torch.fx and find its groups of coupled channels.
+
+Every channel a layer produces gets an integer id. Operations couple ids: a residual add says channel i of one
+operand is channel i of the other, a depthwise conv ties its input and output channel, BatchNorm and the next
+layer's input columns attach tensor slices to the ids that flow into them. Connected ids form one *unit* (removed
+together); units that touch the same tensors form a *group*. Model inputs and outputs, and everything flowing
+through an operation the tracer does not understand, are tied to a frozen id and are never pruned: an unknown op
+is a barrier, named in the result, never a crash.
+
+The graph comes from torch.fx symbolic tracing (a static program, stable across torch versions), with torch.nn
+layers kept as leaves; shapes come from running the traced program once on the example input.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import ArgumentError, ModelError
+from prunekit.graph.groups import Barrier, DependencyGraph, Group, Member
+
+FROZEN = 0  # the id every unprunable channel is tied to
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Softplus, nn.Mish, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+)
+# Elementwise functions of one tensor (extra arguments are scalars or keyword options).
+_PASS_FUNCTIONS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.softplus,
+    F.mish, F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp, torch.sqrt,
+    torch.square, torch.clamp, torch.clip, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
+    F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+    F.interpolate, operator.neg, operator.pos, torch.nn.functional.dropout2d,
+}
+_PASS_METHODS = {
+    "relu", "sigmoid", "tanh", "abs", "neg", "exp", "sqrt", "square", "clamp", "clip", "contiguous", "clone",
+    "float", "double", "half", "to", "type_as", "detach", "requires_grad_", "relu_", "sigmoid_", "clamp_", "pow",
+}
+_BINARY = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul, operator.isub,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "maximum", "minimum", "where"}
+_SHAPE_QUERIES = {"size", "dim", "numel"}
+
+
+@dataclass
+class Chan:
+    """Where the channel ids of a tensor live: dimension `dim` (non-negative) holds `ids` (one per position)."""
+
+    dim: int
+    ids: np.ndarray
+
+
+@dataclass
+class ParamRef:
+    """A parameter or buffer read by get_attr, not yet tied to any channel."""
+
+    module: str
+    param: str
+    shape: tuple[int, ...]
+
+
+class TraceError(ModelError):
+    """A module's forward cannot be traced symbolically."""
+
+
+class _Tracer(fx.Tracer):
+    """torch.nn layers and the user's barrier modules stay leaves; remembers where tracing is, to name failures."""
+
+    def __init__(self, barriers: set[str]) -> None:
+        super().__init__()
+        self.barriers = barriers
+        self.stack: list[str] = []
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name in self.barriers or super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        self.stack.append(self.path_of_module(module))
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        finally:
+            self.stack.pop()
+
+
+def symbolic_trace(model: nn.Module, barriers: Iterable[str] = ()) -> fx.GraphModule:
+    """torch.fx trace with torch.nn layers (and `barriers`) as leaves; a failure names the module and the way out."""
+    names = dict(model.named_modules())
+    barrier_set = set(barriers)
+    for name in barrier_set:
+        if name not in names:
+            raise ArgumentError("barriers", name, "names of submodules of the model (see model.named_modules())")
+    tracer = _Tracer(barrier_set)
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:  # fx raises many types; all mean the same to the user
+        where = tracer.stack[-1] if tracer.stack else ""
+        module = names.get(where, model)
+        label = f"module {where!r} ({type(module).__name__})" if where else f"{type(model).__name__}.forward"
+        hint = (f"pass barriers=[{where!r}] (CLI: --barrier {where}) to treat it as an opaque block that nothing is "
+                "pruned through" if where else "mark the submodules whose forward uses data-dependent control flow "
+                "as barriers")
+        raise TraceError(f"{label} cannot be traced with torch.fx: {type(error).__name__}: {error}. {hint}") from None
+    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+# --- shapes ---------------------------------------------------------------------------------------------------------
+
+
+def _shape_tree(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shape_tree(v) for v in value)
+    return None
+
+
+def _describe_inputs(example_inputs: Sequence[Any]) -> str:
+    return ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs)
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.shapes: dict[fx.Node, Any] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        result = super().run_node(node)
+        self.shapes[node] = _shape_tree(result)
+        return result
+
+
+@torch.no_grad()
+def record_shapes(traced: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Run the traced program once; the output shape of every node. A wrong example input is named."""
+    recorder = _ShapeRecorder(traced)
+    was_training = traced.training
+    traced.eval()
+    try:
+        recorder.run(*example_inputs)
+    except Exception as error:
+        failed = next((n for n in traced.graph.nodes if n not in recorder.shapes and n.op != "placeholder"), None)
+        where = f" at {failed.target if failed.op == 'call_module' else failed.name}" if failed is not None else ""
+        raise ArgumentError(
+            "example_inputs", _describe_inputs(example_inputs),
+            f"inputs the model accepts; running it failed{where}: {type(error).__name__}: {error}",
+        ) from None
+    finally:
+        traced.train(was_training)
+    return recorder.shapes
+
+
+# --- the channel analysis -------------------------------------------------------------------------------------------
+
+
+class _Analysis:
+    """Walks the fx graph once, giving channel ids to tensors and collecting couplings and tensor slices."""
+
+    def __init__(self, traced: fx.GraphModule, shapes: dict[fx.Node, Any], barrier_modules: set[str]) -> None:
+        self.traced = traced
+        self.modules = dict(traced.named_modules())
+        self.shapes = shapes
+        self.barrier_modules = barrier_modules
+        self.next_id = 1
+        self.edges_a: list[np.ndarray] = []
+        self.edges_b: list[np.ndarray] = []
+        # member rows: id, key number, index, role
+        self.member_ids: list[np.ndarray] = []
+        self.member_keys: list[np.ndarray] = []
+        self.member_index: list[np.ndarray] = []
+        self.keys: dict[tuple[str, str, int], int] = {}
+        self.key_roles: dict[int, str] = {}
+        self.frozen_params: set[tuple[str, str]] = set()
+        self.barriers: list[Barrier] = []
+        self.values: dict[fx.Node, Any] = {}
+        self.heads: set[str] = set()  # modules whose units are attention heads
+
+    # ids, couplings, members
+
+    def fresh(self, count: int) -> np.ndarray:
+        ids = np.arange(self.next_id, self.next_id + count, dtype=np.int64)
+        self.next_id += count
+        return ids
+
+    def tie(self, a: np.ndarray, b: np.ndarray | int) -> None:
+        a = np.asarray(a, dtype=np.int64).reshape(-1)
+        b = np.broadcast_to(np.asarray(b, dtype=np.int64), a.shape)
+        self.edges_a.append(a)
+        self.edges_b.append(np.array(b))
+
+    def freeze(self, value: Any, where: str = "", reason: str = "") -> None:
+        """Tie every id in `value` (a Chan, or a nested structure of them) to FROZEN; record a barrier."""
+        chans = list(_chans_in(value))
+        params = list(_params_in(value))
+        for chan in chans:
+            self.tie(chan.ids, FROZEN)
+        for ref in params:
+            self.frozen_params.add((ref.module, ref.param))
+        if reason and (chans or params):
+            self.barriers.append(Barrier(where, reason))
+
+    def member(self, ids: np.ndarray, module: str, param: str, dim: int, index: np.ndarray, role: str) -> None:
+        key = self.keys.setdefault((module, param, dim), len(self.keys))
+        self.key_roles[key] = role
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.member_ids.append(ids)
+        self.member_keys.append(np.full(len(ids), key, dtype=np.int64))
+        self.member_index.append(np.asarray(index, dtype=np.int64).reshape(-1))
+
+    def members_of_module(self, ids: np.ndarray, name: str, names: Sequence[str], dim: int, role: str,
+                          index: np.ndarray | None = None) -> None:
+        module = self.modules[name]
+        index = np.arange(len(ids)) if index is None else index
+        for param in names:
+            if isinstance(getattr(module, param, None), torch.Tensor):
+                self.member(ids, name, param, dim, index, role)
+
+    # values
+
+    def value(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return self.values.get(arg)
+        if isinstance(arg, (tuple, list)):
+            return type(arg)(self.value(a) for a in arg)
+        return None
+
+    def shape(self, node: Any) -> Any:
+        return self.shapes.get(node) if isinstance(node, fx.Node) else None
+
+    def run(self) -> None:
+        for node in self.traced.graph.nodes:
+            handler = getattr(self, f"_{node.op}")
+            try:
+                self.values[node] = handler(node)
+            except _Unsupported as reason:
+                where = str(node.target) if node.op == "call_module" else node.name
+                self.freeze([self.value(a) for a in node.args] + [self.value(v) for v in node.kwargs.values()],
+                            where, str(reason))
+                self.values[node] = None
+
+    # node kinds
+
+    def _placeholder(self, node: fx.Node) -> Any:
+        return None  # model inputs: fixed channels (an operand without ids freezes what it meets)
+
+    def _output(self, node: fx.Node) -> Any:
+        self.freeze(self.value(node.args[0]))  # outputs keep their shape
+        return None
+
+    def _get_attr(self, node: fx.Node) -> Any:
+        owner, _, param = str(node.target).rpartition(".")
+        tensor = getattr(self.modules[owner], param) if owner in self.modules else getattr(self.traced, str(node.target))
+        if not isinstance(tensor, torch.Tensor):
+            return None
+        return ParamRef(owner, param, tuple(tensor.shape))
+
+    def _call_module(self, node: fx.Node) -> Any:
+        name = str(node.target)
+        module = self.modules[name]
+        inputs = [self.value(a) for a in node.args]
+        if name in self.barrier_modules:
+            raise _Unsupported(f"marked as a barrier ({type(module).__name__})")
+        if isinstance(module, nn.Linear):
+            return self._linear(node, name, module, inputs[0])
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            return self._conv(node, name, module, inputs[0])
+        if isinstance(module, _NORMS):
+            return self._channel_norm(node, name, inputs[0], dim=1, params=("weight", "bias", "running_mean", "running_var"))
+        if isinstance(module, nn.LayerNorm):
+            if len(module.normalized_shape) != 1:
+                raise _Unsupported("LayerNorm over several dimensions")
+            return self._channel_norm(node, name, inputs[0], dim=len(self.shape(node)) - 1, params=("weight", "bias"))
+        if isinstance(module, nn.GroupNorm):
+            return self._group_norm(node, name, module, inputs[0])
+        if isinstance(module, nn.Embedding):
+            ids = self.fresh(module.embedding_dim)
+            self.members_of_module(ids, name, ("weight",), 1, "out")
+            return Chan(len(self.shape(node)) - 1, ids)
+        if isinstance(module, nn.MultiheadAttention):
+            return self._multihead_attention(node, name, module)
+        if isinstance(module, nn.Flatten):
+            return self._flatten(node, inputs[0], module.start_dim, module.end_dim)
+        if isinstance(module, nn.Softmax | nn.LogSoftmax):
+            return self._reduce_like(node, inputs[0], [module.dim], keeps_dims=True)
+        if isinstance(module, _PASS_MODULES):
+            return self._pass(node, inputs[0])
+        raise _Unsupported(f"no channel rule for {type(module).__name__}")
+
+    def _call_function(self, node: fx.Node) -> Any:
+        target = node.target
+        if target in _BINARY:
+            return self._elementwise(node)
+        if target in _PASS_FUNCTIONS:
+            return self._pass(node, self.value(node.args[0]))
+        if target in (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            return self._reduce_like(node, self.value(node.args[0]), [dim], keeps_dims=True)
+        if target is torch.flatten:
+            return self._flatten(node, self.value(node.args[0]), *self._flatten_args(node))
+        if target is torch.cat or target is torch.concat:
+            return self._cat(node)
+        if target is operator.getitem:
+            return self._getitem(node)
+        if target in (torch.split, torch.chunk, torch.tensor_split):
+            return self._split(node)
+        if target in (torch.mean, torch.sum, torch.amax, torch.amin):
+            return self._reduction(node)
+        if target in (torch.transpose, torch.permute, torch.swapaxes):
+            return self._reorder(node)
+        if target in (torch.reshape,):
+            return self._reshape(node)
+        if target in (torch.unsqueeze, torch.squeeze):
+            return self._reshape(node)
+        if target in (getattr, len):
+            return None
+        raise _Unsupported(f"no channel rule for {getattr(target, '__name__', target)}")
+
+    def _call_method(self, node: fx.Node) -> Any:
+        method = node.target
+        source = self.value(node.args[0])
+        if method in _SHAPE_QUERIES:
+            return None
+        if method in _BINARY_METHODS:
+            return self._elementwise(node)
+        if method in _PASS_METHODS:
+            if method == "pow" and not isinstance(node.args[1] if len(node.args) > 1 else 2, (int, float)):
+                raise _Unsupported("pow with a tensor exponent")
+            return self._pass(node, source)
+        if method in ("softmax", "log_softmax"):
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            return self._reduce_like(node, source, [dim], keeps_dims=True)
+        if method == "flatten":
+            return self._flatten(node, source, *self._flatten_args(node))
+        if method in ("view", "reshape", "unsqueeze", "squeeze", "view_as", "reshape_as"):
+            return self._reshape(node)
+        if method in ("transpose", "permute", "swapaxes", "t"):
+            return self._reorder(node)
+        if method in ("mean", "sum", "amax", "amin"):
+            return self._reduction(node)
+        if method in ("split", "chunk", "tensor_split"):
+            return self._split(node)
+        if method in ("expand", "expand_as"):
+            return self._expand(node, source)
+        raise _Unsupported(f"no channel rule for Tensor.{method}")
+
+    # layers
+
+    def _linear(self, node: fx.Node, name: str, module: nn.Linear, source: Any) -> Chan:
+        last = len(self.shape(node)) - 1
+        if isinstance(source, Chan):
+            if source.dim != len(self.shape(node.args[0])) - 1 or len(source.ids) != module.in_features:
+                self.freeze(source, name, "input channels are not on the last dimension")
+            else:
+                self.members_of_module(source.ids, name, ("weight",), 1, "in")
+        out = self.fresh(module.out_features)
+        self.members_of_module(out, name, ("weight", "bias"), 0, "out")
+        return Chan(last, out)
+
+    def _conv(self, node: fx.Node, name: str, module: nn.modules.conv._ConvNd, source: Any) -> Chan:
+        groups, cin, cout = module.groups, module.in_channels, module.out_channels
+        out = self.fresh(cout)
+        self.members_of_module(out, name, ("weight", "bias"), 0, "out")
+        usable = isinstance(source, Chan) and source.dim == 1 and len(source.ids) == cin
+        if isinstance(source, Chan) and not usable:
+            self.freeze(source, name, "input channels are not on dimension 1")
+        if groups == 1:
+            if usable:
+                self.members_of_module(source.ids, name, ("weight",), 1, "in")
+            return Chan(1, out)
+        per_group_out, per_group_in = cout // groups, cin // groups
+        if per_group_in == 1:
+            # depthwise (with channel multiplier m): a group is one input channel and its m outputs, removed whole
+            group_of_out = np.arange(cout) // per_group_out
+            self.tie(out, out[group_of_out * per_group_out])
+            if usable:
+                self.tie(source.ids, out[:: per_group_out])
+            else:
+                self.tie(out, FROZEN)
+            return Chan(1, out)
+        # grouped: slot p of every group goes together, so every group keeps the same width
+        self.tie(out, out[np.arange(cout) % per_group_out])
+        if usable:
+            slots = np.arange(cin) % per_group_in
+            self.tie(source.ids, source.ids[slots])
+            self.member(source.ids, name, "weight", 1, slots, "in")
+        return Chan(1, out)
+
+    def _channel_norm(self, node: fx.Node, name: str, source: Any, dim: int, params: Sequence[str]) -> Any:
+        if not isinstance(source, Chan):
+            return source
+        if source.dim != dim:
+            raise _Unsupported("normalised dimension holds no channels")
+        self.members_of_module(source.ids, name, params, 0, "norm")
+        return source
+
+    def _group_norm(self, node: fx.Node, name: str, module: nn.GroupNorm, source: Any) -> Any:
+        if not isinstance(source, Chan):
+            return source
+        if source.dim != 1:
+            raise _Unsupported("GroupNorm channels are not on dimension 1")
+        # whole groups only: removing part of a group would change the statistics of the rest
+        per_group = module.num_channels // module.num_groups
+        self.tie(source.ids, source.ids[(np.arange(module.num_channels) // per_group) * per_group])
+        self.members_of_module(source.ids, name, ("weight", "bias"), 0, "norm")
+        return source
+
+    def _multihead_attention(self, node: fx.Node, name: str, module: nn.MultiheadAttention) -> Any:
+        # PyTorch ties the internal width to embed_dim, so hidden slot j *is* internal slot j of q, k and v.
+        # Units are whole heads: the head's slots in the hidden size, in q/k/v rows and in out_proj.
+        args = list(node.args) + [node.kwargs.get(k) for k in ("query", "key", "value") if k in node.kwargs]
+        query, key, value = (self.value(a) for a in args[:3])
+        if len(node.args) > 3 or any(k not in ("query", "key", "value", "need_weights") for k in node.kwargs):
+            raise _Unsupported("nn.MultiheadAttention called with masks or extra arguments")
+        embed, heads = module.embed_dim, module.num_heads
+        if not module._qkv_same_embed_dim or not all(isinstance(v, Chan) and len(v.ids) == embed for v in (query, key, value)):
+            raise _Unsupported("nn.MultiheadAttention with kdim/vdim or unknown input channels")
+        head_dim = embed // heads
+        if query.dim != len(self.shape(args[0])) - 1:
+            raise _Unsupported("embedding dimension is not the last one")
+        self.tie(query.ids, key.ids)
+        self.tie(query.ids, value.ids)
+        ids = query.ids
+        self.tie(ids, ids[(np.arange(embed) // head_dim) * head_dim])
+        slots = np.arange(embed)
+        for block in range(3):
+            self.member(ids, name, "in_proj_weight", 0, slots + block * embed, "out")
+            if module.in_proj_bias is not None:
+                self.member(ids, name, "in_proj_bias", 0, slots + block * embed, "out")
+        self.member(ids, name, "in_proj_weight", 1, slots, "in")
+        out_proj = f"{name}.out_proj"
+        self.members_of_module(ids, out_proj, ("weight",), 1, "in")
+        self.members_of_module(ids, out_proj, ("weight", "bias"), 0, "out")
+        self.heads.add(name)
+        return (Chan(query.dim, ids), None)
+
+    # tensor plumbing
+
+    def _pass(self, node: fx.Node, source: Any) -> Any:
+        extra = [self.value(a) for a in node.args[1:]] + [self.value(v) for v in node.kwargs.values()]
+        if any(_chans_in(extra)) or any(_params_in(extra)):
+            raise _Unsupported("elementwise op with a second tensor operand it does not know")
+        if isinstance(source, ParamRef):
+            return source
+        return source if isinstance(source, Chan) else None
+
+    def _elementwise(self, node: fx.Node) -> Any:
+        out_shape = self.shape(node)
+        if not isinstance(out_shape, tuple):
+            return None
+        ndim = len(out_shape)
+        operands = list(node.args) + list(node.kwargs.values())
+        chans = []
+        for arg in operands:
+            value = self.value(arg)
+            if isinstance(value, Chan):
+                offset = ndim - len(self.shape(arg))
+                chans.append(Chan(value.dim + offset, value.ids))
+        if not chans:
+            for arg in operands:  # parameters combined with fixed tensors cannot be sliced
+                self.freeze(self.value(arg))
+            return None
+        dim, ids = chans[0].dim, chans[0].ids
+        if any(c.dim != dim or len(c.ids) != len(ids) for c in chans):
+            raise _Unsupported("operands carry channels on different dimensions")
+        for chan in chans[1:]:
+            self.tie(ids, chan.ids)
+        for arg in operands:
+            value = self.value(arg)
+            shape = self.shape(arg)
+            if isinstance(value, Chan) or not isinstance(shape, tuple):
+                continue  # channels handled above; scalars broadcast
+            aligned = dim - (ndim - len(shape))
+            size = shape[aligned] if aligned >= 0 else 1
+            if size == 1:
+                continue  # broadcasts along the channels: untouched by pruning
+            if isinstance(value, ParamRef) and size == len(ids):
+                self.member(ids, value.module, value.param, aligned, np.arange(len(ids)), "norm")
+                continue
+            self.tie(ids, FROZEN)  # a fixed tensor (input, buffer in another layout) meets these channels
+            self.freeze(value)
+            self.barriers.append(Barrier(node.name, "channels meet a tensor that cannot be pruned"))
+        return Chan(dim, ids)
+
+    def _expand(self, node: fx.Node, source: Any) -> Any:
+        shape = self.shape(node)
+        before = self.shape(node.args[0])
+        if isinstance(source, ParamRef):
+            return ParamRef(source.module, source.param, source.shape) if len(shape) == len(before) else self._bad(source)
+        if isinstance(source, Chan):
+            return Chan(source.dim + len(shape) - len(before), source.ids)
+        return None
+
+    def _bad(self, value: Any) -> None:
+        raise _Unsupported("expand that adds dimensions to a parameter")
+
+    def _cat(self, node: fx.Node) -> Any:
+        tensors = node.args[0] if node.args else node.kwargs["tensors"]
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        out_shape = self.shape(node)
+        dim = dim % len(out_shape)
+        values = [self.value(t) for t in tensors]
+        if dim in [v.dim for v in values if isinstance(v, Chan)]:
+            # along the channel dimension: ids concatenate
+            parts = []
+            for tensor, value in zip(tensors, values):
+                if isinstance(value, Chan) and value.dim == dim:
+                    parts.append(value.ids)
+                else:
+                    self.freeze(value)
+                    parts.append(np.full(self.shape(tensor)[dim], FROZEN, dtype=np.int64))
+            return Chan(dim, np.concatenate(parts))
+        # along another dimension (tokens): every operand's channels are the same channels
+        reference = next((v for v in values if isinstance(v, Chan)), None)
+        if reference is None:
+            self.freeze(values)
+            return None
+        for tensor, value in zip(tensors, values):
+            if isinstance(value, Chan):
+                if value.dim != reference.dim or len(value.ids) != len(reference.ids):
+                    raise _Unsupported("concatenated tensors carry channels on different dimensions")
+                self.tie(reference.ids, value.ids)
+            elif isinstance(value, ParamRef) and len(value.shape) == len(out_shape):
+                self.member(reference.ids, value.module, value.param, reference.dim, np.arange(len(reference.ids)), "norm")
+            else:
+                self.tie(reference.ids, FROZEN)
+                self.freeze(value)
+        return reference
+
+    def _split(self, node: fx.Node) -> Any:
+        source = self.value(node.args[0])
+        shape = self.shape(node.args[0])
+        pieces = self.shape(node)
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        default_dim = 0
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else default_dim)
+        if not isinstance(source, Chan):
+            return tuple(None for _ in pieces) if isinstance(pieces, (tuple, list)) else None
+        dim = dim % len(shape)
+        if dim != source.dim:
+            return tuple(source for _ in pieces)
+        result, start = [], 0
+        for piece in pieces:
+            length = piece[dim]
+            result.append(Chan(dim, source.ids[start:start + length]))
+            start += length
+        del name
+        return tuple(result)
+
+    def _getitem(self, node: fx.Node) -> Any:
+        container, index = node.args
+        value = self.value(container)
+        if isinstance(value, (tuple, list)):
+            return value[index] if isinstance(index, int) and index < len(value) else None
+        if not isinstance(value, Chan):
+            if isinstance(value, ParamRef):
+                raise _Unsupported("indexing into a parameter")
+            return None
+        # tensor indexing: ints drop dimensions, slices keep them, None adds one, Ellipsis expands
+        in_shape, out_shape = self.shape(container), self.shape(node)
+        items = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, fx.Node) or isinstance(i, (list, torch.Tensor)) for i in items):
+            raise _Unsupported("advanced indexing")
+        explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+        expanded: list[Any] = []
+        for item in items:
+            if item is Ellipsis:
+                expanded += [slice(None)] * (len(in_shape) - explicit)
+            else:
+                expanded.append(item)
+        expanded += [slice(None)] * (len(in_shape) - sum(1 for i in expanded if i is not None))
+        source_dim, out_dim = 0, 0
+        for item in expanded:
+            if item is None:
+                out_dim += 1
+                continue
+            if source_dim == value.dim:
+                if item != slice(None) and not (isinstance(item, slice) and item.step in (None, 1) and
+                                                 (item.start in (None, 0)) and (item.stop is None or item.stop >= in_shape[source_dim])):
+                    raise _Unsupported("indexing into the channel dimension")
+                return Chan(out_dim, value.ids)
+            if not isinstance(item, int):
+                out_dim += 1
+            source_dim += 1
+        del out_shape
+        return None
+
+    def _reduction(self, node: fx.Node) -> Any:
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        return self._reduce_like(node, self.value(node.args[0]), dims, keeps_dims=bool(keepdim))
+
+    def _reduce_like(self, node: fx.Node, source: Any, dims: Any, keeps_dims: bool) -> Any:
+        if not isinstance(source, Chan):
+            if isinstance(source, ParamRef):
+                raise _Unsupported("reduction over a parameter")
+            return None
+        ndim = len(self.shape(node.args[0]))
+        if dims is None:
+            raise _Unsupported("reduction over every dimension, channels included")
+        dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        if source.dim in dims:
+            raise _Unsupported("reduction or softmax over the channel dimension")
+        shift = 0 if keeps_dims else sum(1 for d in dims if d < source.dim)
+        return Chan(source.dim - shift, source.ids)
+
+    def _reorder(self, node: fx.Node) -> Any:
+        source = self.value(node.args[0])
+        if isinstance(source, ParamRef):
+            raise _Unsupported("reordering a parameter's dimensions")
+        if not isinstance(source, Chan):
+            return None
+        ndim = len(self.shape(node.args[0]))
+        target = node.target if isinstance(node.target, str) else node.target.__name__
+        rest = list(node.args[1:])
+        if target == "t":
+            order = list(range(ndim))[::-1]
+        elif target in ("transpose", "swapaxes"):
+            a, b = (d % ndim for d in rest[:2])
+            order = list(range(ndim))
+            order[a], order[b] = order[b], order[a]
+        else:  # permute(*dims) or permute(dims)
+            order = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            order = [d % ndim for d in order]
+        return Chan(order.index(source.dim), source.ids)
+
+    def _flatten_args(self, node: fx.Node) -> tuple[int, int]:
+        start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+        end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+        return start, end
+
+    def _flatten(self, node: fx.Node, source: Any, start: int, end: int) -> Any:
+        if isinstance(source, ParamRef):
+            raise _Unsupported("flattening a parameter")
+        if not isinstance(source, Chan):
+            return None
+        in_shape = self.shape(node.args[0])
+        ndim = len(in_shape)
+        start, end = start % ndim, end % ndim
+        if not start <= source.dim <= end:
+            shift = (end - start) if source.dim > end else 0
+            return Chan(source.dim - shift, source.ids)
+        return Chan(start, _flattened_ids(source, in_shape, start, end))
+
+    def _reshape(self, node: fx.Node) -> Any:
+        source = self.value(node.args[0])
+        if isinstance(source, ParamRef):
+            raise _Unsupported("reshaping a parameter")
+        if not isinstance(source, Chan):
+            return None
+        in_shape, out_shape = self.shape(node.args[0]), self.shape(node)
+        # The channel dimension survives a reshape when the sizes before it and after it still multiply out to the
+        # same numbers and it keeps its size; merging it with trailing dimensions is a flatten.
+        before = int(np.prod(in_shape[: source.dim]))
+        after = int(np.prod(in_shape[source.dim + 1:]))
+        size = in_shape[source.dim]
+        for dim in range(len(out_shape)):
+            if int(np.prod(out_shape[:dim])) == before and out_shape[dim] == size and int(np.prod(out_shape[dim + 1:])) == after:
+                return Chan(dim, source.ids)
+        for dim in range(len(out_shape)):
+            if int(np.prod(out_shape[:dim])) == before and out_shape[dim] == size * after and int(np.prod(out_shape[dim + 1:])) == 1:
+                return Chan(dim, _flattened_ids(source, in_shape, source.dim, len(in_shape) - 1))
+        raise _Unsupported("reshape that splits the channel dimension (e.g. into attention heads)")
+
+
+class _Unsupported(Exception):
+    """An operation the channel analysis has no rule for: its operands become a barrier."""
+
+
+def _flattened_ids(source: Chan, shape: tuple[int, ...], start: int, end: int) -> np.ndarray:
+    """Ids of dims start..end flattened together (row-major), the channel dimension among them."""
+    block = list(shape[start:end + 1])
+    grid = np.broadcast_to(
+        source.ids.reshape([len(source.ids) if d == source.dim - start else 1 for d in range(len(block))]), block
+    )
+    return np.ascontiguousarray(grid).reshape(-1)
+
+
+def _chans_in(value: Any) -> Iterable[Chan]:
+    if isinstance(value, Chan):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _chans_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _chans_in(item)
+
+
+def _params_in(value: Any) -> Iterable[ParamRef]:
+    if isinstance(value, ParamRef):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _params_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _params_in(item)
+
+
+# --- connected components -----------------------------------------------------------------------------------------
+
+
+def connected_components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label of each of `count` nodes (the smallest node id in its component), edges a[i] -- b[i]; vectorised."""
+    labels = np.arange(count, dtype=np.int64)
+    if len(a) == 0:
+        return labels
+    while True:
+        low = np.minimum(labels[a], labels[b])
+        before = labels.copy()
+        np.minimum.at(labels, a, low)
+        np.minimum.at(labels, b, low)
+        while True:  # pointer jumping: follow labels to their roots
+            jumped = labels[labels]
+            if np.array_equal(jumped, labels):
+                break
+            labels = jumped
+        if np.array_equal(labels, before):
+            return labels
+
+
+# --- assembling groups ----------------------------------------------------------------------------------------------
+
+
+def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
+    """Components -> units -> groups (units touching the same tensors)."""
+    ids = np.concatenate(analysis.member_ids) if analysis.member_ids else np.zeros(0, np.int64)
+    keys = np.concatenate(analysis.member_keys) if analysis.member_keys else np.zeros(0, np.int64)
+    index = np.concatenate(analysis.member_index) if analysis.member_index else np.zeros(0, np.int64)
+    edges_a = list(analysis.edges_a)
+    edges_b = list(analysis.edges_b)
+    # the same slice of the same tensor reached twice (a layer called twice, shared weights): one unit
+    if len(ids):
+        order = np.lexsort((index, keys))
+        same = (keys[order][1:] == keys[order][:-1]) & (index[order][1:] == index[order][:-1])
+        edges_a.append(ids[order][1:][same])
+        edges_b.append(ids[order][:-1][same])
+    # tensors read by an op without a rule must not be sliced at all
+    key_names = {number: key for key, number in analysis.keys.items()}
+    frozen_keys = [n for n, (module, param, _) in key_names.items() if (module, param) in analysis.frozen_params]
+    if frozen_keys:
+        hit = np.isin(keys, frozen_keys)
+        edges_a.append(ids[hit])
+        edges_b.append(np.zeros(int(hit.sum()), np.int64))
+    a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
+    labels = connected_components(analysis.next_id, a, b)
+    unit_labels = labels[ids]
+    live = unit_labels != labels[FROZEN]
+    frozen_units = len(np.unique(unit_labels[~live]))
+    ids, keys, index, unit_labels = ids[live], keys[live], index[live], unit_labels[live]
+    # signature of a unit: the set of tensors it touches
+    pairs = np.unique(np.stack([unit_labels, keys]), axis=1) if len(ids) else np.zeros((2, 0), np.int64)
+    signature: dict[int, list[int]] = {}
+    for label, key in pairs.T.tolist():
+        signature.setdefault(label, []).append(key)
+    by_signature: dict[tuple[int, ...], list[int]] = {}
+    for label, key_list in signature.items():
+        by_signature.setdefault(tuple(key_list), []).append(label)
+    groups = []
+    for key_tuple, labels_in_group in by_signature.items():
+        labels_in_group = sorted(labels_in_group)
+        position = {label: i for i, label in enumerate(labels_in_group)}
+        rows = np.isin(unit_labels, labels_in_group)
+        members = []
+        for key in key_tuple:
+            sel = rows & (keys == key)
+            pairs_k = np.unique(np.stack([index[sel], unit_labels[sel]]), axis=1)
+            module, param, dim = key_names[key]
+            members.append(Member(
+                module, param, dim,
+                torch.from_numpy(pairs_k[0].copy()),
+                torch.from_numpy(np.array([position[l] for l in pairs_k[1].tolist()], dtype=np.int64)),
+                analysis.key_roles[key],
+            ))
+        modules = list(dict.fromkeys(m.module for m in members))
+        is_heads = any(m.module in analysis.heads for m in members)
+        name = " -> ".join(modules[:4]) + (f" (+{len(modules) - 4} more)" if len(modules) > 4 else "")
+        groups.append(Group(name, "head" if is_heads else "channel", len(labels_in_group), members))
+    # keys are numbered in graph order, so this lists groups from the input side to the output side
+    groups.sort(key=lambda g: min(analysis.keys[m.key] for m in g.members))
+    return groups, frozen_units
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise ArgumentError("example_inputs", type(example_inputs).__name__, "a tensor or a tuple of tensors")
+
+
+def build_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str] = ()) -> DependencyGraph:
+    """Trace `model` on `example_inputs` and return its groups of coupled channels and the barriers met."""
+    barrier_set = set(barriers)
+    traced = symbolic_trace(model, barrier_set)
+    shapes = record_shapes(traced, _as_tuple(example_inputs))
+    analysis = _Analysis(traced, shapes, barrier_set)
+    analysis.run()
+    groups, frozen = _assemble(analysis)
+    return DependencyGraph(groups, analysis.barriers, frozen)
