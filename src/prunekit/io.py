@@ -13,6 +13,7 @@ leaves a half-written folder and never removes a good one before its replacement
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -90,8 +91,13 @@ def save(
     *,
     extra: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    structure: Any = None,
 ) -> Path:
-    """Save `model` (weights, masks, manifest) to the folder `path`, atomically; returns the folder."""
+    """Save `model` (weights, masks, manifest) to the folder `path`, atomically; returns the folder.
+
+    structure: the removal plan of a structured pruning run (`StructuredResult.plan` or the result itself); it goes
+    into the manifest, and `load` replays it on a fresh instance of the original class before loading the weights.
+    """
     if not isinstance(model, nn.Module):
         raise ArgumentError("model", _describe(model), "a torch.nn.Module")
     if report is not None and not isinstance(report, Report):
@@ -104,6 +110,7 @@ def save(
     stored, aliases = dedupe_state(model.state_dict())
     masked = _collect_masks(model)
     report = _refresh_counts(model, report) if report is not None else sparsity_report(model)
+    structure_entries = _structure_entries(structure)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -113,6 +120,8 @@ def save(
             MASKS_FILE: _write_safetensors(staging / MASKS_FILE, {key: packed for key, _, packed in masked}),
         }
         manifest = build_manifest(report, stored, aliases, [entry for _, entry, _ in masked], files, extra)
+        if structure_entries is not None:
+            manifest["structure"] = structure_entries
         _write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str) + "\n")
         _fsync_dir(staging)
         move_into_place(staging, dest)
@@ -121,6 +130,18 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return dest
+
+
+def _structure_entries(structure: Any) -> list[dict[str, Any]] | None:
+    """The JSON form of a removal plan (or of a StructuredResult's plan)."""
+    if structure is None:
+        return None
+    from .graph.surgery import plan_to_json
+
+    plan = getattr(structure, "plan", structure)
+    if not isinstance(plan, dict):
+        raise ArgumentError("structure", _describe(structure), "a removal plan or the result of prune_structured")
+    return plan_to_json(plan)
 
 
 def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -383,6 +404,15 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> R
     stored = _read_safetensors(folder / MODEL_FILE)
     packed = _read_safetensors(folder / MASKS_FILE)
     state = expand_aliases(stored, manifest["tensors"].get("aliases", {}))
+    structure = _read_structure(manifest)
+    if structure:
+        # checked on a copy first, so a plan or weights that do not fit leave the model untouched
+        from .graph.surgery import apply_plan
+
+        rehearsal = apply_plan(copy.deepcopy(model), structure)
+        check_state(rehearsal, state, strict)
+        _plan_masks(rehearsal, manifest["masks"], packed, strict)
+        apply_plan(model, structure)
     check_state(model, state, strict)
     planned = _plan_masks(model, manifest["masks"], packed, strict)
 
@@ -396,6 +426,18 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> R
     for module, param_name, mask in planned:
         mask_engine.attach(module, mask, param_name)
     return report_from_manifest(manifest) if manifest.get("layers") is not None else sparsity_report(model)
+
+
+def _read_structure(manifest: Mapping[str, Any]) -> Any:
+    """The removal plan stored by a structured save, validated; None for an unstructured one."""
+    entries = manifest.get("structure")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise FormatError(f"{MANIFEST_FILE}: the 'structure' entry is not a list of removals")
+    from .graph.surgery import plan_from_json
+
+    return plan_from_json(entries)
 
 
 def verify_file(folder: Path, name: str, manifest: Mapping[str, Any]) -> None:

@@ -120,7 +120,9 @@ def _refresh_torch(name: str, module: nn.Module, root: nn.Module) -> bool:
         return True
     if isinstance(module, nn.GroupNorm):
         if module.weight is not None:
+            per_group = module.num_channels // module.num_groups  # the tracer removes whole groups only
             module.num_channels = module.weight.shape[0]
+            module.num_groups = module.num_channels // per_group
         return True
     if isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
@@ -131,7 +133,7 @@ def _refresh_torch(name: str, module: nn.Module, root: nn.Module) -> bool:
         if internal != embed_dim:
             raise ModelError(f"{name}: nn.MultiheadAttention needs its internal width ({internal}) equal to embed_dim ({embed_dim})")
         module.embed_dim = module.kdim = module.vdim = embed_dim
-        module.head_dim = embed_dim // module.num_heads
+        module.num_heads = embed_dim // module.head_dim  # the tracer removes whole heads
         module.out_proj.in_features = module.out_proj.out_features = embed_dim
         return True
     return False
