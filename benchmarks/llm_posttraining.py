@@ -75,6 +75,7 @@ class Run:
     method: str | None = None
     pattern: str = "unstructured"
     sparsity: float | None = None  # requested (None for N:M: the pattern fixes it)
+    options: tuple = ()  # extra keyword arguments for prunekit.prune, as (name, value) pairs
 
     @property
     def label(self) -> str:
@@ -93,6 +94,10 @@ def _runs() -> list[Run]:
                                 sparsity if sparsity is not None else 0.5))
     for method in ("wanda", "owl", "sparsegpt", "owl-sparsegpt"):
         runs.append(Run(f"{method}-70", "prunekit", method, "unstructured", 0.7))
+    # OWL's two hyperparameters (the paper tunes M in 3..10 and lambda in 0.02..0.25 per model family)
+    for m, lam in ((3, 0.08), (7, 0.08), (10, 0.08), (5, 0.04), (5, 0.15)):
+        runs.append(Run(f"owl-70-M{m}-L{lam:g}", "prunekit", "owl", "unstructured", 0.7,
+                        (("owl_m", float(m)), ("owl_lambda", lam))))
     return runs
 
 
@@ -183,7 +188,7 @@ def child_prune(args: argparse.Namespace) -> None:
         emit(result)
         return
     samples = load_samples(Path(args.calib))
-    kwargs: dict[str, Any] = {"pattern": run.pattern, "apply": "bake"}
+    kwargs: dict[str, Any] = {"pattern": run.pattern, "apply": "bake", **dict(run.options)}
     if run.method != "magnitude":
         kwargs.update(data=samples, progress=False)
     started = time.perf_counter()

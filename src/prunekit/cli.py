@@ -241,6 +241,24 @@ def _prune_language_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_shrink(args: argparse.Namespace) -> int:
+    """Structured pruning with physical removal; params, MACs, latency (and perplexity) before and after."""
+    from .shrink import shrink, summary_json, summary_text
+
+    summary = shrink(
+        args.model, args.method, args.ratio, budget=args.budget, target=args.target, round_to=args.round_to,
+        heads=None if args.heads == "none" else args.heads, drop_blocks=args.drop_blocks,
+        input_shape=args.input_shape, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+        eval_tokens=args.eval_tokens, measure_latency=not args.no_latency, out=args.out, overwrite=args.overwrite,
+        seed=args.seed, progress=not args.quiet, log=_stderr_log(args.quiet),
+    )
+    if args.json:
+        print(json.dumps(summary_json(summary), indent=2, default=str))
+    else:
+        print(summary_text(summary))
+    return EXIT_OK
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Perplexity of a saved causal LM folder (loaded with plain transformers) on held-out text."""
     from .calibration import load_text
@@ -439,6 +457,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, default=512, help="non-overlapping window length (default 512)")
     _output_flags(evaluate)
     evaluate.set_defaults(run=cmd_eval)
+
+    shrink = sub.add_parser("shrink", help="structured pruning: remove channels, heads, neurons or blocks for real")
+    shrink.add_argument("model", metavar="MODEL", help="a prunekit.nets architecture (resnet-small, resnet50-style, "
+                        "densenet-small, mobilenet-v2-small, mobilenet-v3-small, vit-tiny, vit-b-style), smollm2-135m, "
+                        "minilm, or a transformers folder")
+    shrink.add_argument("--method", default="l2", help="group score l1, l2, bn-scale, random, fpgm; or flap, cfsp "
+                        "(calibration-based, causal LMs)")
+    shrink.add_argument("--ratio", type=_sparsity, default=0.5, help="share of units to remove (default 0.5)")
+    shrink.add_argument("--budget", default="uniform", help="uniform, global, macs or latency (default uniform)")
+    shrink.add_argument("--target", type=float, help="for --budget macs/latency: share of the dense cost to keep")
+    shrink.add_argument("--round-to", type=int, default=1, help="keep widths a multiple of this (e.g. 8)")
+    shrink.add_argument("--heads", default="query", help="transformers GQA heads: query (slots within KV groups), "
+                        "kv-group (whole groups) or none")
+    shrink.add_argument("--drop-blocks", type=int, default=0, help="causal LMs: also remove this many decoder blocks "
+                        "with the lowest block influence (ShortGPT)")
+    shrink.add_argument("--input-shape", help="example input for prunekit.nets models, e.g. 1,3,224,224")
+    shrink.add_argument("--calib", metavar="FILE", help="calibration text (default: the embedded English text)")
+    shrink.add_argument("--n-samples", type=int, default=32, help="calibration samples (default 32)")
+    shrink.add_argument("--seq-len", type=int, default=128, help="tokens per sample / example length (default 128)")
+    shrink.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (4096)")
+    shrink.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
+    shrink.add_argument("--seed", type=int, default=0)
+    shrink.add_argument("--out", metavar="DIR", help="folder to write (atomically)")
+    shrink.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
+    _output_flags(shrink)
+    shrink.set_defaults(run=cmd_shrink)
 
     report = sub.add_parser("report", help="print the sparsity report stored in a saved folder")
     report.add_argument("dir", metavar="DIR", help="a folder written by `prunekit prune`")

@@ -162,6 +162,26 @@ def _accumulate_gradients(model: nn.Module, data: Any, loss_fn: Any, n_batches: 
         batch_loss(model, batch, loss_fn).backward()
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A transformers PreTrainedModel (read by the adapter, not traced)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def default_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str] = ()) -> DependencyGraph:
+    """transformers models: heads and MLP neurons read from their modules; anything else: the torch.fx tracer."""
+    if is_transformers_model(model):
+        from prunekit.graph.transformers import transformers_graph
+
+        return transformers_graph(model)
+    from prunekit.graph.trace import build_graph
+
+    return build_graph(model, example_inputs, barriers)
+
+
 def select_groups(graph: DependencyGraph, ignore: Iterable[str]) -> tuple[list[Group], list[GroupDecision]]:
     """Groups to prune: those not touching an ignored module (exact names or prefixes)."""
     ignore = list(ignore)
@@ -203,9 +223,7 @@ def prune_structured(
     _check_options(ratio, budget, target, round_to)
     get_score(score)
     if graph is None:
-        from prunekit.graph.trace import build_graph
-
-        graph = build_graph(model, example_inputs, barriers)
+        graph = default_graph(model, example_inputs, barriers)
     groups, skipped = select_groups(graph, ignore)
     if score in NEEDS_GRADIENTS:
         _accumulate_gradients(model, data, loss_fn, n_batches)

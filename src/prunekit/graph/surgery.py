@@ -85,6 +85,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
 
 def refresh_attributes(model: nn.Module) -> None:
     """Make every module's size attributes agree with its tensors (in_features, num_features, groups, ...)."""
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        import prunekit.graph.transformers  # noqa: F401  (registers the transformers refreshers)
     for name, module in model.named_modules():
         for refresher in _REFRESHERS:
             if refresher(name, module, model):

@@ -1,0 +1,294 @@
+"""Calibration-based structured pruning of transformers language models: FLAP and CFSP-style widths.
+
+Both read activation statistics block by block with the calibration engine (prunekit.calibration.run_blocks),
+on the dense model, then remove attention heads and MLP neurons physically through the groups of
+prunekit.graph.transformers.
+
+- FLAP (An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models): the score of an
+  input channel j of o_proj / down_proj is Var(X_j) * ||W[:, j]||^2 (a head sums its channels); scores are
+  standardised within each module, compared across the whole model against one threshold sized in parameters
+  ("AL-AM"; "UL-UM" keeps every layer's share uniform), and the removed channels' mean contribution
+  W[:, removed] @ mean(X[removed]) is folded into the output bias.
+- CFSP-style (Wang et al. 2024, CFSP: coarse-to-fine activation information): the coarse step gives each block an
+  MLP sparsity from its angular importance 1 - cos(x_in, x_out) (blocks that change the residual stream less
+  lose more); the fine step ranks neurons by |W| x ||X|| summed over their gate/up rows and down column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.errors import ArgumentError, check_sparsity, unknown_choice
+from prunekit.graph.groups import DependencyGraph, Group, Member
+from prunekit.graph.importance import per_unit, slices
+from prunekit.graph.prune import GroupDecision, StructuredResult, removed_units, rounded_keep
+from prunekit.graph.surgery import apply_plan, merge_removals, plan_from_removals
+
+FLAP_STRUCTURES = ("AL-AM", "UL-UM")
+
+
+def unit_costs(model: nn.Module, group: Group) -> torch.Tensor:
+    """Parameters removed with each unit (every slice it owns, in every member tensor)."""
+    costs = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.members:
+        tensor = getattr(model.get_submodule(member.module), member.param)
+        if not isinstance(tensor, nn.Parameter):
+            continue
+        per_index = tensor.numel() // tensor.shape[member.dim]
+        costs += per_unit(group, member, torch.full((len(member.index),), float(per_index)))
+    return costs
+
+
+def consumer_member(group: Group) -> Member:
+    """The member that reads the group's units: o_proj / down_proj input columns."""
+    for member in group.members:
+        if member.role == "in" and member.param == "weight":
+            return member
+    raise ArgumentError("group", group.name, "a head or neuron group with a consuming projection")
+
+
+@dataclass
+class ChannelStats:
+    """Mean and variance of every input column of one projection, over the calibration tokens."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    norm_sq: torch.Tensor
+
+
+def collect_input_stats(model: nn.Module, samples: Sequence[torch.Tensor], layer_names: set[str],
+                        progress: bool = True) -> dict[str, ChannelStats]:
+    """Input statistics of the named linear layers, one block at a time on the dense model."""
+    from prunekit.calibration import run_blocks
+    from prunekit.llm import gather_stats
+
+    collected: dict[str, ChannelStats] = {}
+
+    def process(index: int, name: str, block: nn.Module, feed: Any) -> None:
+        layers = {n: model.get_submodule(n) for n in layer_names if n.startswith(name + ".")}
+        if not layers:
+            return
+        for layer, stats in gather_stats(feed, layers, hessian=False).items():
+            collected[layer] = ChannelStats(stats.mean, stats.variance, stats.column_norm_sq)
+
+    run_blocks(model, samples, process, progress=progress)
+    return collected
+
+
+def flap_scores(model: nn.Module, group: Group, stats: ChannelStats) -> torch.Tensor:
+    """Fluctuation per unit: sum over its input columns of Var(X_j) * ||W[:, j]||^2."""
+    member = consumer_member(group)
+    weight = getattr(model.get_submodule(member.module), member.param)
+    column_energy = slices(weight, member).pow(2).sum(dim=1)  # ||W[:, j]||^2 for the member's columns
+    return per_unit(group, member, stats.variance[member.index].double() * column_energy)
+
+
+def standardise(score: torch.Tensor) -> torch.Tensor:
+    """(s - mean) / std within one module; a constant score becomes all zeros."""
+    std = score.std() if score.numel() > 1 else torch.tensor(0.0, dtype=score.dtype)
+    return (score - score.mean()) / std if float(std) > 0 else torch.zeros_like(score)
+
+
+def global_keeps_by_cost(groups: Sequence[Group], scores: Sequence[torch.Tensor], costs: Sequence[torch.Tensor],
+                         ratio: float, round_to: int) -> list[int]:
+    """Remove the lowest-scoring units across all groups until `ratio` of the groups' parameters is gone."""
+    budget = ratio * float(sum(float(c.sum()) for c in costs))
+    flat = [(float(s), i, u) for i, score in enumerate(scores) for u, s in enumerate(score.tolist())]
+    flat.sort()
+    removed = [0] * len(groups)
+    spent = 0.0
+    for _, group_index, unit in flat:
+        if spent >= budget:
+            break
+        group = groups[group_index]
+        if group.size - removed[group_index] <= max(1, group.min_keep):
+            continue  # keep at least one unit per group
+        removed[group_index] += 1
+        spent += float(costs[group_index][unit])
+    return [rounded_keep(g.size, g.size - r, round_to, g.min_keep) for g, r in zip(groups, removed)]
+
+
+@torch.no_grad()
+def compensate_bias(model: nn.Module, group: Group, removed: torch.Tensor, stats: ChannelStats) -> None:
+    """FLAP's bias compensation: fold the removed inputs' mean contribution into the consumer's bias."""
+    member = consumer_member(group)
+    layer = model.get_submodule(member.module)
+    columns = member.index[torch.isin(member.unit, removed)]
+    if len(columns) == 0:
+        return
+    shift = layer.weight[:, columns].double() @ stats.mean[columns].double()
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
+    layer.bias += shift.to(layer.bias.dtype)
+
+
+def _check_common(model: nn.Module, samples: Any, ratio: Any, round_to: Any) -> float:
+    ratio = check_sparsity(ratio, "ratio")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise ArgumentError("round_to", round_to, "a positive integer")
+    if not isinstance(samples, (list, tuple)) or not samples:
+        raise ArgumentError("samples", type(samples).__name__, "a non-empty list of calibration token id tensors")
+    return ratio
+
+
+def _apply(model: nn.Module, groups: list[Group], scores: list[torch.Tensor], keeps: list[int],
+           stats: dict[str, ChannelStats] | None) -> dict:
+    removals = []
+    for group, score, keep in zip(groups, scores, keeps):
+        if keep >= group.size:
+            continue
+        units = removed_units(score, keep)
+        if stats is not None:
+            compensate_bias(model, group, units, stats[consumer_member(group).module])
+        removals.append(group.removed_indices(units))
+    if not removals:
+        return {}
+    plan = plan_from_removals(model, merge_removals(removals))
+    apply_plan(model, plan)
+    return plan
+
+
+def declare_biases(model: nn.Module) -> list[str]:
+    """After bias compensation: give sibling projections zero biases and set the config flags transformers reads."""
+    config = getattr(model, "config", None)
+    notes: list[str] = []
+    added_attention = added_mlp = False
+    for name, module in model.named_modules():
+        for kind, names in (("attention", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            children = [module._modules.get(n) for n in names]
+            if not all(isinstance(c, nn.Linear) for c in children):
+                continue
+            if not any(c.bias is not None for c in children) or all(c.bias is not None for c in children):
+                continue
+            for child in children:
+                if child.bias is None:
+                    child.bias = nn.Parameter(torch.zeros(child.out_features, dtype=child.weight.dtype))
+            added_attention |= kind == "attention"
+            added_mlp |= kind == "mlp"
+    for flag, added in (("attention_bias", added_attention), ("mlp_bias", added_mlp)):
+        if added and config is not None and hasattr(config, flag):
+            setattr(config, flag, True)
+            notes.append(f"{flag}: True (FLAP's bias compensation)")
+        elif added:
+            notes.append(f"the config has no {flag} flag: the compensated biases load only through prunekit.load")
+    return notes
+
+
+def flap(
+    model: nn.Module,
+    samples: Sequence[torch.Tensor],
+    ratio: float,
+    *,
+    structure: str = "AL-AM",
+    heads: str = "query",
+    bias_compensation: bool = True,
+    round_to: int = 1,
+    progress: bool = True,
+) -> StructuredResult:
+    """FLAP: remove `ratio` of the attention and MLP parameters by fluctuation, with bias compensation."""
+    from prunekit.graph.transformers import transformers_graph
+
+    ratio = _check_common(model, samples, ratio, round_to)
+    if structure not in FLAP_STRUCTURES:
+        raise unknown_choice("structure", structure, FLAP_STRUCTURES)
+    graph = transformers_graph(model, heads=heads, neurons=True)
+    groups = graph.groups
+    layers = {consumer_member(g).module for g in groups}
+    stats = collect_input_stats(model, samples, layers, progress=progress)
+    missing = sorted(layers - set(stats))
+    if missing:
+        raise ArgumentError("model", type(model).__name__, f"a model whose projections run during calibration; "
+                            f"{missing[0]} never saw an input")
+    raw = [flap_scores(model, g, stats[consumer_member(g).module]) for g in groups]
+    scores = [standardise(s) for s in raw]
+    if structure == "AL-AM":
+        costs = [unit_costs(model, g) for g in groups]
+        keeps = global_keeps_by_cost(groups, scores, costs, ratio, round_to)
+    else:
+        keeps = [rounded_keep(g.size, g.size * (1 - ratio), round_to, g.min_keep) for g in groups]
+    plan = _apply(model, groups, scores, keeps, stats if bias_compensation else None)
+    notes = declare_biases(model) if bias_compensation else []
+    decisions = [GroupDecision(g.name, g.kind, g.size, k) for g, k in zip(groups, keeps)]
+    if notes and decisions:
+        decisions[0].notes += notes
+    settings = {"method": "flap", "ratio": ratio, "structure": structure, "heads": heads,
+                "bias_compensation": bias_compensation, "round_to": round_to, "calibration_samples": len(samples)}
+    return StructuredResult(plan, decisions, graph, settings)
+
+
+# --- CFSP-style: angular importance sets per-block MLP widths -----------------------------------------------------
+
+
+def angular_sparsities(importance: Sequence[float], ratio: float, cap: float = 0.95) -> list[float]:
+    """Per-block sparsities averaging `ratio`, each block's share inversely proportional to its importance.
+
+    Water-filling keeps every value in [0, cap]: blocks that would exceed the cap are pinned there and the rest of
+    the budget is spread over the others again.
+    """
+    values = torch.tensor([max(float(v), 1e-8) for v in importance], dtype=torch.float64)
+    weights = 1.0 / values
+    total = ratio * len(values)
+    result = torch.zeros_like(values)
+    free = torch.ones(len(values), dtype=torch.bool)
+    for _ in range(len(values)):
+        remaining = total - float(result[~free].sum())
+        share = weights * free / float((weights * free).sum()) * remaining
+        over = free & (share > cap)
+        if not over.any():
+            result[free] = share[free]
+            break
+        result[over] = cap
+        free &= ~over
+    return [float(v) for v in result]
+
+
+def cfsp_neuron_scores(model: nn.Module, group: Group, stats: dict[str, ChannelStats]) -> torch.Tensor:
+    """Fine step: sum of |W| x ||X|| over a neuron's gate/up rows (MLP input norms) and its down column."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.members:
+        if member.param != "weight":
+            continue
+        layer = model.get_submodule(member.module)
+        column_norm = stats[member.module].norm_sq.sqrt().double()
+        if member.role == "in":  # down_proj column j reads neuron j: |W[:, j]| x ||h_j||
+            values = slices(layer.weight, member).abs().sum(dim=1) * column_norm[member.index]
+        else:  # gate/up row j: sum_k |W[j, k]| x ||x_k||
+            values = (slices(layer.weight, member).abs() * column_norm).sum(dim=1)
+        total += per_unit(group, member, values)
+    return total
+
+
+def cfsp(
+    model: nn.Module,
+    samples: Sequence[torch.Tensor],
+    ratio: float,
+    *,
+    round_to: int = 1,
+    progress: bool = True,
+) -> StructuredResult:
+    """CFSP-style MLP pruning: block widths from angular importance, neurons ranked by activation-weighted |W|."""
+    from prunekit.graph.transformers import block_influence, transformers_graph
+
+    ratio = _check_common(model, samples, ratio, round_to)
+    graph = transformers_graph(model, heads=None, neurons=True)
+    groups = graph.groups
+    importance = block_influence(model, samples)
+    if len(importance) != len(groups):
+        raise ArgumentError("model", type(model).__name__, "one MLP per decoder block")
+    sparsities = angular_sparsities(importance, ratio)
+    layers = {m.module for g in groups for m in g.members if m.param == "weight"}
+    stats = collect_input_stats(model, samples, layers, progress=progress)
+    scores = [cfsp_neuron_scores(model, g, stats) for g in groups]
+    keeps = [rounded_keep(g.size, g.size * (1 - s), round_to, g.min_keep) for g, s in zip(groups, sparsities)]
+    plan = _apply(model, groups, scores, keeps, None)
+    decisions = [GroupDecision(g.name, g.kind, g.size, k, [f"block angular importance {i:.4f}, sparsity {s:.3f}"])
+                 for g, k, i, s in zip(groups, keeps, importance, sparsities)]
+    settings = {"method": "cfsp", "ratio": ratio, "round_to": round_to, "calibration_samples": len(samples),
+                "block_importance": importance}
+    return StructuredResult(plan, decisions, DependencyGraph(groups, graph.barriers), settings)
+
