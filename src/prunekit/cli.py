@@ -88,6 +88,17 @@ def _known_model(name: str) -> None:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     """List the registered methods as text, JSON or a Markdown table."""
+    if args.structured:
+        from .shrink import STRUCTURED_METHODS, structured_markdown
+
+        if args.json:
+            print(json.dumps([{"name": n, "summary": w, "paper": p} for n, w, p in STRUCTURED_METHODS], indent=2))
+        elif args.markdown:
+            print(structured_markdown())
+        else:
+            width = max(len(n) for n, _, _ in STRUCTURED_METHODS) + 2
+            print("\n".join(f"{n.ljust(width)}{w}\n{' ' * width}{p}" for n, w, p in STRUCTURED_METHODS))
+        return EXIT_OK
     rows = method_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -405,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     style = methods.add_mutually_exclusive_group()
     style.add_argument("--json", action="store_true", help="print JSON")
     style.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    methods.add_argument("--structured", action="store_true", help="list the structured methods of `prunekit shrink`")
     methods.set_defaults(run=cmd_methods)
 
     demo = sub.add_parser("demo", help="train a small CNN on the bundled digits, prune it, fine-tune it, compare")

@@ -122,6 +122,7 @@ def save(
         manifest = build_manifest(report, stored, aliases, [entry for _, entry, _ in masked], files, extra)
         if structure_entries is not None:
             manifest["structure"] = structure_entries
+            manifest["removed_modules"] = list(getattr(structure, "removed_modules", []))
         _write_text(staging / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str) + "\n")
         _fsync_dir(staging)
         move_into_place(staging, dest)
@@ -405,14 +406,30 @@ def load(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> R
     packed = _read_safetensors(folder / MASKS_FILE)
     state = expand_aliases(stored, manifest["tensors"].get("aliases", {}))
     structure = _read_structure(manifest)
-    if structure:
+    removed = manifest.get("removed_modules") or []
+    if structure is not None:
         # checked on a copy first, so a plan or weights that do not fit leave the model untouched
+        from .graph.depth import replace_with_identity
         from .graph.surgery import apply_plan
 
-        rehearsal = apply_plan(copy.deepcopy(model), structure)
+        def rebuild(target: nn.Module) -> nn.Module:
+            try:
+                replace_with_identity(target, removed)
+            except ArgumentError as error:
+                raise FormatError(f"{MANIFEST_FILE}: removed_modules does not match this model ({error})") from None
+            if structure:
+                apply_plan(target, structure)
+            # biases added by pruning (FLAP's bias compensation) exist in the saved weights, not in the class
+            for name, module in target.named_modules():
+                key = f"{name}.bias" if name else "bias"
+                if isinstance(module, nn.Linear) and module.bias is None and key in state:
+                    module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype))
+            return target
+
+        rehearsal = rebuild(copy.deepcopy(model))
         check_state(rehearsal, state, strict)
         _plan_masks(rehearsal, manifest["masks"], packed, strict)
-        apply_plan(model, structure)
+        rebuild(model)
     check_state(model, state, strict)
     planned = _plan_masks(model, manifest["masks"], packed, strict)
 

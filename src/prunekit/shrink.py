@@ -24,6 +24,36 @@ DEFAULT_IMAGE = {"resnet50-style": (1, 3, 224, 224), "vit-b-style": (1, 3, 224, 
 EMBEDDED_ENCODERS = ("minilm",)
 
 
+# What `prunekit shrink --method` offers: (name, what it removes and how, paper)
+STRUCTURED_METHODS = (
+    ("l1", "channels/heads/neurons with the smallest group L1 norm (every coupled slice summed)",
+     "Li et al. 2017, Pruning Filters for Efficient ConvNets"),
+    ("l2", "the same with the group L2 norm (default)", "Fang et al. 2023, DepGraph: Towards Any Structural Pruning"),
+    ("bn-scale", "channels with the smallest BatchNorm |gamma| (network slimming)",
+     "Liu et al. 2017, Learning Efficient Convolutional Networks through Network Slimming"),
+    ("fpgm", "filters nearest the geometric median of their layer (the most replaceable)",
+     "He et al. 2019, Filter Pruning via Geometric Median for Deep Convolutional Neural Networks Acceleration"),
+    ("random", "uniformly random units (the baseline)", "Li et al. 2022, Revisiting Random Channel Pruning"),
+    ("taylor", "first-order Taylor |sum w dL/dw| per unit (Python API, needs data)",
+     "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning"),
+    ("flap", "LLM heads and MLP neurons by fluctuation Var(X_j)||W_:,j||^2, global threshold, bias compensation",
+     "An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models"),
+    ("cfsp", "LLM MLP widths per block from angular importance, neurons by |W| x ||X||",
+     "Wang et al. 2024, CFSP: An Efficient Structured Pruning Framework for LLMs with Coarse-to-Fine Activation Information"),
+    ("--drop-blocks", "whole decoder blocks with the lowest block influence 1 - cos(x_in, x_out)",
+     "Men et al. 2024, ShortGPT: Layers in Large Language Models are More Redundant Than You Expect"),
+)
+
+
+def structured_markdown() -> str:
+    """The README table of structured methods."""
+    out = ["| method | what it removes | paper |", "|---|---|---|"]
+    for name, what, paper in STRUCTURED_METHODS:
+        cells = [f"`{name}`", what, paper]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(out)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,3,224,224' -> (1, 3, 224, 224)."""
     try:

@@ -43,6 +43,7 @@ class StructuredResult:
     graph: DependencyGraph
     settings: dict[str, Any]
     costs: dict[str, Any] = field(default_factory=dict)  # "before"/"after" CostReports when measured
+    removed_modules: list[str] = field(default_factory=list)  # blocks replaced by nn.Identity (depth pruning)
 
     @property
     def notes(self) -> list[str]:
