@@ -104,8 +104,9 @@ def check_job(method: str, kind: str, budget: str, drop_blocks: int) -> None:
                             f"{method} needs a transformers causal language model and calibration text")
     if method in LLM_METHODS and budget != "uniform":
         raise ArgumentError("budget", budget, f"'uniform' with --method {method} (it allocates widths itself)")
-    if drop_blocks and kind != "causal-lm":
-        raise ArgumentError("drop_blocks", drop_blocks, "0 for this model: block removal needs a transformers causal LM")
+    if drop_blocks and kind == "encoder":
+        raise ArgumentError("drop_blocks", drop_blocks, "0 for this model: block removal covers causal LMs and "
+                            "residual CNN blocks")
 
 
 def shrink(
@@ -149,13 +150,20 @@ def shrink(
     dense_ppl = _perplexity(model, tokenizer, held_out, eval_tokens, progress) if held_out is not None else None
     started = time.perf_counter()
     notes: list[str] = []
-    if drop_blocks:
+    dropped: list[str] = []
+    if drop_blocks and kind == "net":
+        from prunekit.graph.depth import drop_residual_blocks
+
+        dropped, influence = drop_residual_blocks(model, example, drop_blocks)
+        notes.append(f"removed residual blocks {dropped} (lowest block influence of {len(influence)})")
+    elif drop_blocks:
         from prunekit.graph.transformers import block_influence, remove_blocks
 
         influence = block_influence(model, samples)
         chosen = sorted(range(len(influence)), key=lambda i: influence[i])[:drop_blocks]
         notes += [f"removed blocks {sorted(chosen)} (lowest block influence)"] + remove_blocks(model, chosen)
     result = _prune(model, example, method, ratio, budget, target, round_to, heads, samples, seed, progress)
+    result.removed_modules = dropped
     prune_seconds = time.perf_counter() - started
     log("measuring the pruned model")
     after = cost_report(model, example, latency_batches=batches, measure_time=measure_latency)
