@@ -397,3 +397,10 @@ def test_drop_residual_blocks_refuses_a_count_beyond_the_blocks():
     model, x = _model("resnet"), _input()
     with pytest.raises(ArgumentError, match="count"):
         drop_residual_blocks(model, x, 99)
+
+
+def test_fake_tensor_shapes_give_the_same_groups():
+    model, x = _model("mobilenet_v3"), _input()
+    real, fake = build_graph(model, x), build_graph(model, x, fake_tensors=True)
+    assert [(g.name, g.size, [(m.key, m.index.tolist(), m.unit.tolist()) for m in g.members]) for g in real.groups] == \
+        [(g.name, g.size, [(m.key, m.index.tolist(), m.unit.tolist()) for m in g.members]) for g in fake.groups]

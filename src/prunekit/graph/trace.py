@@ -150,15 +150,18 @@ class _ShapeRecorder(fx.Interpreter):
         return result
 
 
-def record_shapes(traced: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Any]:
+def record_shapes(traced: fx.GraphModule, example_inputs: Sequence[Any], fake: bool = False) -> dict[fx.Node, Any]:
     """Run the traced program once; the output shape of every node. A wrong example input is named.
 
-    Runs on fake tensors (shapes only, no arithmetic), so a ResNet-50 at 224x224 costs a fraction of a forward
-    pass; falls back to a real no-grad run for an op that has no fake implementation.
+    By default one real no-grad pass (for a batch-1 example that is faster than torch's fake tensors, whose
+    dispatch overhead dominates on CNNs); fake=True computes shapes only, for models too large to run, and falls
+    back to a real pass for an op without a fake implementation.
     """
     was_training = traced.training
     traced.eval()
     try:
+        if not fake:
+            return _run_recorder(traced, example_inputs, fake=False)
         try:
             return _run_recorder(traced, example_inputs, fake=True)
         except _ModelFailure:
@@ -810,34 +813,50 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     live = unit_labels != labels[FROZEN]
     frozen_units = len(np.unique(unit_labels[~live]))
     ids, keys, index, unit_labels = ids[live], keys[live], index[live], unit_labels[live]
-    # signature of a unit: the set of tensors it touches
-    pairs = np.unique(np.stack([unit_labels, keys]), axis=1) if len(ids) else np.zeros((2, 0), np.int64)
-    signature: dict[int, list[int]] = {}
-    for label, key in pairs.T.tolist():
-        signature.setdefault(label, []).append(key)
-    by_signature: dict[tuple[int, ...], list[int]] = {}
-    for label, key_list in signature.items():
-        by_signature.setdefault(tuple(key_list), []).append(label)
+    if not len(ids):
+        return [], frozen_units
+    # one row per distinct (unit, tensor, index): a slice reached twice is still one slice
+    order = np.lexsort((index, keys, unit_labels))
+    unit_labels, keys, index = unit_labels[order], keys[order], index[order]
+    fresh = np.ones(len(order), dtype=bool)
+    fresh[1:] = (unit_labels[1:] != unit_labels[:-1]) | (keys[1:] != keys[:-1]) | (index[1:] != index[:-1])
+    unit_labels, keys, index = unit_labels[fresh], keys[fresh], index[fresh]
+    # signature of a unit: the sorted set of tensors it touches (rows are sorted by unit, then tensor)
+    pair_start = np.ones(len(keys), dtype=bool)
+    pair_start[1:] = (unit_labels[1:] != unit_labels[:-1]) | (keys[1:] != keys[:-1])
+    pair_units, pair_keys = unit_labels[pair_start], keys[pair_start]
+    unit_start = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
+    units = pair_units[unit_start]
+    signatures = [tuple(chunk) for chunk in np.split(pair_keys, unit_start[1:]).__iter__()]
+    group_ids: dict[tuple, int] = {}
+    group_of_unit = np.array([group_ids.setdefault(tuple(map(int, sig)), len(group_ids)) for sig in signatures])
+    # position of each unit inside its group: units are sorted by label, so count within each group in order
+    by_group = np.argsort(group_of_unit, kind="stable")
+    position = np.empty(len(units), dtype=np.int64)
+    counts = np.bincount(group_of_unit, minlength=len(group_ids))
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    position[by_group] = np.arange(len(units)) - np.repeat(starts, counts)
+    row_unit = np.searchsorted(units, unit_labels)
+    row_group, row_position = group_of_unit[row_unit], position[row_unit]
+    # rows grouped by (group, tensor), indices ascending inside each
+    order = np.lexsort((index, keys, row_group))
+    row_group, keys, index, row_position = row_group[order], keys[order], index[order], row_position[order]
+    cut = np.flatnonzero(np.r_[True, (row_group[1:] != row_group[:-1]) | (keys[1:] != keys[:-1])])
+    bounds = list(zip(cut.tolist(), np.r_[cut[1:], len(keys)].tolist()))
+    members_of: list[list[Member]] = [[] for _ in group_ids]
+    for begin, stop in bounds:
+        module, param, dim = key_names[int(keys[begin])]
+        members_of[int(row_group[begin])].append(Member(
+            module, param, dim, torch.from_numpy(index[begin:stop].copy()),
+            torch.from_numpy(row_position[begin:stop].copy()), analysis.key_roles[int(keys[begin])],
+        ))
     groups = []
-    for key_tuple, labels_in_group in by_signature.items():
-        labels_in_group = sorted(labels_in_group)
-        position = {label: i for i, label in enumerate(labels_in_group)}
-        rows = np.isin(unit_labels, labels_in_group)
-        members = []
-        for key in key_tuple:
-            sel = rows & (keys == key)
-            pairs_k = np.unique(np.stack([index[sel], unit_labels[sel]]), axis=1)
-            module, param, dim = key_names[key]
-            members.append(Member(
-                module, param, dim,
-                torch.from_numpy(pairs_k[0].copy()),
-                torch.from_numpy(np.array([position[l] for l in pairs_k[1].tolist()], dtype=np.int64)),
-                analysis.key_roles[key],
-            ))
+    for group_number, members in enumerate(members_of):
+        members.sort(key=lambda m: analysis.keys[m.key])
         modules = list(dict.fromkeys(m.module for m in members))
         is_heads = any(m.module in analysis.heads for m in members)
         name = " -> ".join(modules[:4]) + (f" (+{len(modules) - 4} more)" if len(modules) > 4 else "")
-        groups.append(Group(name, "head" if is_heads else "channel", len(labels_in_group), members))
+        groups.append(Group(name, "head" if is_heads else "channel", int(counts[group_number]), members))
     # keys are numbered in graph order, so this lists groups from the input side to the output side
     groups.sort(key=lambda g: min(analysis.keys[m.key] for m in g.members))
     return groups, frozen_units
@@ -851,11 +870,15 @@ def _as_tuple(example_inputs: Any) -> tuple:
     raise ArgumentError("example_inputs", type(example_inputs).__name__, "a tensor or a tuple of tensors")
 
 
-def build_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str] = ()) -> DependencyGraph:
-    """Trace `model` on `example_inputs` and return its groups of coupled channels and the barriers met."""
+def build_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str] = (),
+                fake_tensors: bool = False) -> DependencyGraph:
+    """Trace `model` on `example_inputs` and return its groups of coupled channels and the barriers met.
+
+    fake_tensors=True records shapes without computing (for models too large to run once on the example).
+    """
     barrier_set = set(barriers)
     traced = symbolic_trace(model, barrier_set)
-    shapes = record_shapes(traced, _as_tuple(example_inputs))
+    shapes = record_shapes(traced, _as_tuple(example_inputs), fake=fake_tensors)
     analysis = _Analysis(traced, shapes, barrier_set)
     analysis.run()
     groups, frozen = _assemble(analysis)
