@@ -404,3 +404,21 @@ def test_fake_tensor_shapes_give_the_same_groups():
     real, fake = build_graph(model, x), build_graph(model, x, fake_tensors=True)
     assert [(g.name, g.size, [(m.key, m.index.tolist(), m.unit.tolist()) for m in g.members]) for g in real.groups] == \
         [(g.name, g.size, [(m.key, m.index.tolist(), m.unit.tolist()) for m in g.members]) for g in fake.groups]
+
+
+def test_latency_target_searches_the_ratio_with_measured_latency(monkeypatch):
+    """The latency budget bisects on measured time; here 'time' is made proportional to MACs to check the search."""
+    from prunekit import measure
+
+    calls = []
+
+    def fake_latency(model, inputs, warmup=3, repeats=20):
+        calls.append(inputs.shape[0])
+        return measure.LatencyResult(float(measure.count_macs(model, inputs)), 0.0, 0.0, repeats, warmup)
+
+    monkeypatch.setattr(measure, "measure_latency", fake_latency)
+    model, x = _model("resnet"), _input()[:1]
+    dense = measure.count_macs(model, x)
+    prune_structured(model, x, budget="latency", target=0.6, latency_batch=4)
+    assert measure.count_macs(model, x) <= 0.6 * dense
+    assert calls and set(calls) == {4}
