@@ -7,6 +7,7 @@ for bad usage), never a traceback. Progress goes to stderr, results to stdout, s
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -401,6 +402,11 @@ def _min_keep(text: str) -> float | int:
     return int(value) if value >= 1 and math.isfinite(value) and value == int(value) else value
 
 
+# Subcommands that live in modules of their own: each module has `register(subparsers)`, which adds its parser and
+# sets `run=` to a function taking the parsed arguments. One line here per module keeps this file from growing.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     from . import __version__
@@ -500,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", metavar="DIR", help="a folder written by `prunekit prune`")
     report.add_argument("--json", action="store_true", help="print JSON")
     report.set_defaults(run=cmd_report)
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(f"prunekit.{module_name}").register(sub)
     return parser
 
 
