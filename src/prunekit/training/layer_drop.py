@@ -1,0 +1,116 @@
+"""Layer pruning at initialisation: remove whole residual blocks before training, by a data-free or one-batch
+criterion computed at initialisation.
+
+A block's importance is the mass of a pruning-at-initialisation score over its weights: SynFlow (Tanaka et al.
+2020, Pruning neural networks without any data by iteratively conserving synaptic flow; data-free, |w dR/dw| with R
+the summed output of the |w| network on an all-ones input) or SNIP (Lee et al. 2019, SNIP: Single-shot Network
+Pruning based on Connection Sensitivity; |g w| on one batch). The `count` residual blocks with an identity shortcut
+(found by prunekit.graph.depth) of lowest mass are replaced by nn.Identity: the network gets shallower, its
+output shape stays. Depth pruning at initialisation follows the idea of training a shallower sub-network found
+before any training (cf. Zeng et al. 2024, Layer pruning at initialization; Chen et al. 2023, Towards data-agnostic
+pruning at initialization), with the block mass as the criterion.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError, unknown_choice
+from ..graph.depth import replace_with_identity, residual_blocks
+from ..scores.context import batch_loss
+from ..scores.synflow import synaptic_flow
+from .callbacks import PruningCallback, _first_inputs
+from .common import targets_of
+
+BLOCK_CRITERIA = ("synflow", "snip")
+
+
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+def _one_batch(data: Any) -> Any:
+    """One batch: `data` itself when it is an (inputs, labels) pair or a dict, else its first item."""
+    if isinstance(data, dict) or (isinstance(data, (tuple, list)) and len(data) == 2
+                                  and isinstance(data[0], torch.Tensor)):
+        return data
+    return next(iter(data))
+
+
+def block_masses(model: nn.Module, blocks: list[str], criterion: str = "synflow", example_inputs: Any = None,
+                 data: Any = None, loss_fn: Callable | None = None) -> dict[str, float]:
+    """The summed SynFlow or SNIP score of each block's Linear/Conv weights (the model is left unchanged)."""
+    if criterion not in BLOCK_CRITERIA:
+        raise unknown_choice("criterion", criterion, BLOCK_CRITERIA)
+    targets = [t for t in targets_of(model) if any(_inside(t.name, b) for b in blocks)]
+    if criterion == "synflow":
+        scores, _ = synaptic_flow(model, [t.name for t in targets], example_inputs)
+    else:
+        if data is None:
+            raise ArgumentError("data", None, "one (inputs, labels) batch: SNIP needs a loss to differentiate")
+        batch = _one_batch(data)
+        weights = [t.weight for t in targets]
+        was_training = model.training
+        model.eval()  # BatchNorm statistics stay as initialised
+        try:
+            grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), weights, allow_unused=True)
+        finally:
+            model.train(was_training)
+        scores = [(w.detach() * (torch.zeros_like(w) if g is None else g)).abs() for w, g in zip(weights, grads)]
+    masses = {block: 0.0 for block in blocks}
+    for target, score in zip(targets, scores):
+        for block in blocks:
+            if _inside(target.name, block):
+                masses[block] += float(score.double().sum())
+    return masses
+
+
+class LayerDropAtInit(PruningCallback):
+    """Before training, replace the `count` residual blocks of lowest SynFlow (data-free) or SNIP (one batch)
+    mass by nn.Identity.
+
+    example_inputs: an input batch (its shape is what SynFlow and the block search use), else taken from `data`.
+    blocks: candidate block names (default: every residual block with an identity shortcut that keeps its shape).
+    The optimizer may be built before (the removed blocks' parameters simply get no gradient again).
+    """
+
+    def __init__(self, model: nn.Module, count: int, criterion: str = "synflow", *, example_inputs: Any = None,
+                 data: Any = None, blocks: list[str] | None = None, loss_fn: Callable | None = None) -> None:
+        if criterion not in BLOCK_CRITERIA:
+            raise unknown_choice("criterion", criterion, BLOCK_CRITERIA)
+        if example_inputs is None:
+            if data is None:
+                raise ArgumentError("example_inputs", None, "an input batch, or data to take one from")
+            example_inputs = _first_inputs(data)
+        if criterion == "snip" and data is None:
+            raise ArgumentError("data", None, "one (inputs, labels) batch: SNIP needs a loss to differentiate")
+        self.model, self.criterion, self.example_inputs, self.data, self.loss_fn = (
+            model, criterion, example_inputs, data, loss_fn)
+        self.candidates = list(blocks) if blocks is not None else residual_blocks(model, example_inputs)
+        known = dict(model.named_modules())
+        for name in self.candidates:
+            if not name or name not in known:
+                raise ArgumentError("blocks", name, "names of submodules of the model")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or (
+                count and count >= len(self.candidates)):
+            raise ArgumentError("count", count, f"an integer from 0 to {max(0, len(self.candidates) - 1)} (the "
+                                f"model has {len(self.candidates)} removable residual blocks; one must stay)")
+        self.count = count
+        self.masses: dict[str, float] = {}
+        self.removed: list[str] | None = None
+
+    def apply(self) -> list[str]:
+        """Score the blocks and remove the `count` lightest (once; later calls return the same names)."""
+        if self.removed is None:
+            self.masses = block_masses(self.model, self.candidates, self.criterion, self.example_inputs, self.data,
+                                       self.loss_fn)
+            chosen = sorted(self.candidates, key=lambda n: (self.masses[n], self.candidates.index(n)))[:self.count]
+            self.removed = replace_with_identity(self.model, chosen)
+        return self.removed
+
+    def on_train_begin(self) -> None:
+        """Drop the blocks before the first step."""
+        self.apply()
