@@ -57,5 +57,6 @@ def sap_prune_count(index: float, d: int, p: float = 0.5, q: float = 1.0, eta: f
     """How many of the `d` remaining weights SAP prunes: floor(d * clip(gamma (1 - r/d), 0, beta))."""
     if d <= 0:
         return 0
-    share = min(max(gamma * (1.0 - sap_keep_bound(index, d, p, q, eta) / d), 0.0), beta)
-    return math.floor(d * share)
+    # d * gamma (1 - r/d) is computed as gamma (d - r): the same number without the rounding of r/d.
+    wanted = max(gamma * (d - sap_keep_bound(index, d, p, q, eta)), 0.0)
+    return min(math.floor(wanted), math.floor(d * beta))

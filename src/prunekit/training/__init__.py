@@ -10,7 +10,7 @@ from typing import Any
 from .callbacks import (PRUNE_AT_INIT_METHODS, FitResult, GradualPruning, PruneAtInit, PruningCallback, fit,
                         prune_keeping_masks)
 from .issp import IterativeSoftShrinkage
-from .layer_drop import LayerDropAtInit, block_masses
+from .layer_drop import LayerDropAtInit, block_scores
 from .lottery import LotteryTicket
 from .mask_sparsity import MaskSparsity
 from .pdp import PDP, pdp_soft_mask, pdp_threshold
@@ -24,7 +24,7 @@ __all__ = [
     "cubic_sparsity", "imp_density", "imp_sparsity", "average_same_mask", "sparse_soup_round", "clone_with_masks",
     "prune_keeping_masks", "PRUNE_AT_INIT_METHODS", "IterativeSoftShrinkage", "MaskSparsity", "PDP", "pdp_soft_mask",
     "pdp_threshold", "SAP", "SAPRound", "precrop", "PreCropResult", "layer_densities", "LayerDropAtInit",
-    "block_masses",
+    "block_scores",
 ]
 
 

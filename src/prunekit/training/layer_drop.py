@@ -1,18 +1,20 @@
 """Layer pruning at initialisation: remove whole residual blocks before training, by a data-free or one-batch
 criterion computed at initialisation.
 
-A block's importance is the mass of a pruning-at-initialisation score over its weights: SynFlow (Tanaka et al.
-2020, Pruning neural networks without any data by iteratively conserving synaptic flow; data-free, |w dR/dw| with R
-the summed output of the |w| network on an all-ones input) or SNIP (Lee et al. 2019, SNIP: Single-shot Network
-Pruning based on Connection Sensitivity; |g w| on one batch). The `count` residual blocks with an identity shortcut
-(found by prunekit.graph.depth) of lowest mass are replaced by nn.Identity: the network gets shallower, its
-output shape stays. Depth pruning at initialisation follows the idea of training a shallower sub-network found
-before any training (cf. Zeng et al. 2024, Layer pruning at initialization; Chen et al. 2023, Towards data-agnostic
-pruning at initialization), with the block mass as the criterion.
+Criteria, both from pruning at initialisation lifted from weights to blocks:
+- 'synflow' (data-free; Tanaka et al. 2020, Pruning neural networks without any data by iteratively conserving
+  synaptic flow): the share of the synaptic flow R (the summed output of the |w| network on an all-ones input) that
+  runs through the block's residual branch, 1 - R(block replaced by identity) / R. Summing SynFlow scores over a
+  block would not do: synaptic flow is conserved, so every layer's scores sum to the same R.
+- 'snip' (one batch; Lee et al. 2019, SNIP: Single-shot Network Pruning based on Connection Sensitivity): the
+  block's summed connection sensitivity |g w|.
+The `count` residual blocks with an identity shortcut (found by prunekit.graph.depth) that score lowest are
+replaced by nn.Identity: the network is shallower from the first step and its output shape stays.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable
 
 import torch
@@ -21,7 +23,8 @@ from torch import nn
 from ..errors import ArgumentError, unknown_choice
 from ..graph.depth import replace_with_identity, residual_blocks
 from ..scores.context import batch_loss
-from ..scores.synflow import synaptic_flow
+from ..scores.context import logits_of
+from ..scores.synflow import _ones_like_input
 from .callbacks import PruningCallback, _first_inputs
 from .common import targets_of
 
@@ -40,26 +43,40 @@ def _one_batch(data: Any) -> Any:
     return next(iter(data))
 
 
-def block_masses(model: nn.Module, blocks: list[str], criterion: str = "synflow", example_inputs: Any = None,
+@torch.no_grad()
+def synaptic_flow_total(model: nn.Module, example_inputs: Any, without: str | None = None) -> float:
+    """R: the summed output of the model with every parameter and buffer made |x| (float64, on a copy) fed all
+    ones; with `without`, that block replaced by nn.Identity first."""
+    linear = copy.deepcopy(model).double().eval()
+    if without is not None:
+        replace_with_identity(linear, [without])
+    for tensor in [*linear.parameters(), *linear.buffers()]:
+        if torch.is_floating_point(tensor):
+            tensor.abs_()
+    device = next(linear.parameters()).device
+    return float(logits_of(linear(_ones_like_input(example_inputs).to(device))).sum())
+
+
+def block_scores(model: nn.Module, blocks: list[str], criterion: str = "synflow", example_inputs: Any = None,
                  data: Any = None, loss_fn: Callable | None = None) -> dict[str, float]:
-    """The summed SynFlow or SNIP score of each block's Linear/Conv weights (the model is left unchanged)."""
+    """Each block's share of the synaptic flow, or its summed SNIP score (the model is left unchanged)."""
     if criterion not in BLOCK_CRITERIA:
         raise unknown_choice("criterion", criterion, BLOCK_CRITERIA)
-    targets = [t for t in targets_of(model) if any(_inside(t.name, b) for b in blocks)]
     if criterion == "synflow":
-        scores, _ = synaptic_flow(model, [t.name for t in targets], example_inputs)
-    else:
-        if data is None:
-            raise ArgumentError("data", None, "one (inputs, labels) batch: SNIP needs a loss to differentiate")
-        batch = _one_batch(data)
-        weights = [t.weight for t in targets]
-        was_training = model.training
-        model.eval()  # BatchNorm statistics stay as initialised
-        try:
-            grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), weights, allow_unused=True)
-        finally:
-            model.train(was_training)
-        scores = [(w.detach() * (torch.zeros_like(w) if g is None else g)).abs() for w, g in zip(weights, grads)]
+        total = synaptic_flow_total(model, example_inputs)
+        return {block: 1.0 - synaptic_flow_total(model, example_inputs, without=block) / total for block in blocks}
+    targets = [t for t in targets_of(model) if any(_inside(t.name, b) for b in blocks)]
+    if data is None:
+        raise ArgumentError("data", None, "one (inputs, labels) batch: SNIP needs a loss to differentiate")
+    batch = _one_batch(data)
+    weights = [t.weight for t in targets]
+    was_training = model.training
+    model.eval()  # BatchNorm statistics stay as initialised
+    try:
+        grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), weights, allow_unused=True)
+    finally:
+        model.train(was_training)
+    scores = [(w.detach() * (torch.zeros_like(w) if g is None else g)).abs() for w, g in zip(weights, grads)]
     masses = {block: 0.0 for block in blocks}
     for target, score in zip(targets, scores):
         for block in blocks:
@@ -69,8 +86,8 @@ def block_masses(model: nn.Module, blocks: list[str], criterion: str = "synflow"
 
 
 class LayerDropAtInit(PruningCallback):
-    """Before training, replace the `count` residual blocks of lowest SynFlow (data-free) or SNIP (one batch)
-    mass by nn.Identity.
+    """Before training, replace the `count` residual blocks of lowest SynFlow flow share (data-free) or SNIP mass
+    (one batch) by nn.Identity.
 
     example_inputs: an input batch (its shape is what SynFlow and the block search use), else taken from `data`.
     blocks: candidate block names (default: every residual block with an identity shortcut that keeps its shape).
@@ -99,15 +116,15 @@ class LayerDropAtInit(PruningCallback):
             raise ArgumentError("count", count, f"an integer from 0 to {max(0, len(self.candidates) - 1)} (the "
                                 f"model has {len(self.candidates)} removable residual blocks; one must stay)")
         self.count = count
-        self.masses: dict[str, float] = {}
+        self.scores: dict[str, float] = {}
         self.removed: list[str] | None = None
 
     def apply(self) -> list[str]:
         """Score the blocks and remove the `count` lightest (once; later calls return the same names)."""
         if self.removed is None:
-            self.masses = block_masses(self.model, self.candidates, self.criterion, self.example_inputs, self.data,
+            self.scores = block_scores(self.model, self.candidates, self.criterion, self.example_inputs, self.data,
                                        self.loss_fn)
-            chosen = sorted(self.candidates, key=lambda n: (self.masses[n], self.candidates.index(n)))[:self.count]
+            chosen = sorted(self.candidates, key=lambda n: (self.scores[n], self.candidates.index(n)))[:self.count]
             self.removed = replace_with_identity(self.model, chosen)
         return self.removed
 

@@ -8,7 +8,9 @@ output channel's weights) on the channels to prune ('channel'; the paper regular
 filters, this works on any Linear or Conv). Kept weights feel no penalty at all. At `end_step` the selected weights
 or channels are pruned (masked; they have been driven towards zero, so removing them costs little).
 The penalty's gradient is added to each weight's gradient by a tensor hook, so it works in any training loop and
-in the transformers Trainer; ``penalty()`` gives the same term as a differentiable scalar.
+in the transformers Trainer (the hook adds it once per backward pass: with gradient accumulation over k
+micro-batches the penalty counts k times). ``penalty()`` gives the same term as a differentiable scalar, for
+loops that add it to their loss themselves with ``via_hooks=False``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import unknown_choice
+from ..errors import ArgumentError, unknown_choice
 from .callbacks import PruningCallback
 from .common import attach_keeping, check_real, layer_counts, lowest, targets_of
 from .schedules import check_schedule, check_step
@@ -51,7 +53,7 @@ class MaskSparsity(PruningCallback):
 
     def __init__(self, model: nn.Module, sparsity: float, end_step: int, *, strength: float = 1e-4,
                  granularity: str = "weight", start_step: int = 0, types: Any = ("linear", "conv"),
-                 include: Any = None, ignore: Any = None) -> None:
+                 include: Any = None, ignore: Any = None, via_hooks: bool = True) -> None:
         _, self.sparsity, self.start_step, self.end_step, _ = check_schedule(
             0.0, sparsity, start_step, end_step, 1, ("initial_sparsity", "sparsity", "start_step", "end_step",
                                                      "frequency"))
@@ -59,7 +61,10 @@ class MaskSparsity(PruningCallback):
                                    meaning="the penalty's weight (0 = no regularisation)")
         if granularity not in GRANULARITIES:
             raise unknown_choice("granularity", granularity, GRANULARITIES)
-        self.model, self.granularity = model, granularity
+        if not isinstance(via_hooks, bool):
+            raise ArgumentError("via_hooks", via_hooks, "True (gradient hooks add the penalty) or False (add "
+                                "penalty() to the loss yourself)")
+        self.model, self.granularity, self.via_hooks = model, granularity, via_hooks
         self.targets = targets_of(model, types, include, ignore)
         self.pruned: list[torch.Tensor] | None = None  # per layer, True where the mask will prune
         self._hooks: list[Any] = []
@@ -93,6 +98,8 @@ class MaskSparsity(PruningCallback):
 
     def _install(self) -> None:
         self.pruned = self.choose_mask()
+        if not self.via_hooks:
+            return
         for target, pruned in zip(self.targets, self.pruned):
             weight = target.weight
             hook = weight.register_hook(
