@@ -93,7 +93,8 @@ def elect_sign(weighted_deltas: torch.Tensor) -> torch.Tensor:
 
 def agreeing(weighted_deltas: torch.Tensor) -> torch.Tensor:
     """Which entries of each model agree with the elected sign (zeros never agree)."""
-    return torch.sign(weighted_deltas) == elect_sign(weighted_deltas)
+    positive = weighted_deltas.sum(dim=0) >= 0
+    return torch.where(positive, weighted_deltas > 0, weighted_deltas < 0)
 
 
 def combine(
@@ -112,7 +113,7 @@ def combine(
     weighted = stacked * w
     if consensus:
         mask = agreeing(weighted)
-        mixed = (weighted * mask).sum(dim=0)
+        mixed = torch.where(mask, weighted, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor = torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
     else:
