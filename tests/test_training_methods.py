@@ -349,3 +349,188 @@ def test_mask_sparsity_channels_prune_whole_output_channels(digits):
         assert int((~rows.all(1)).sum()) == lin.weight.shape[0] // 2 and bool((rows.all(1) | ~rows.any(1)).all())
     assert masks.get_mask(model.classifier) is None
     assert accuracy(model, *digits[2:]) > 0.8
+
+
+# --- SAP inside a training loop -------------------------------------------------------------------------------
+
+
+def test_sap_prunes_every_epoch_inside_fit(digits):
+    model = cnn(seed=8)
+    sap = SAP(model, prune_every=1, scope="layer")
+    probe = Probe(model)
+    fit(model, batches_of(digits), 3, adam(model), callbacks=[sap, probe], progress=False)
+    assert len(sap.history) == 3 and all(r.pruned > 0 for r in sap.history)
+    counts = [probe.pruned[31], probe.pruned[32], probe.pruned[64]]  # epochs end after steps 32 and 64
+    assert counts == [0, sap.history[0].pruned, sap.history[0].pruned + sap.history[1].pruned]
+    assert all(probe.zero)
+    total = sum(lin.weight.numel() for lin in layers(model))
+    zeros = sum(int((lin.weight == 0).sum()) for lin in layers(model))
+    assert zeros == sum(r.pruned for r in sap.history) == round((1 - sap.density) * total)
+    assert accuracy(model, *digits[2:]) > 0.85
+
+
+# --- layer dropping at initialisation -------------------------------------------------------------------------
+
+
+def test_block_scores_oracles_and_the_lowest_blocks_go(digits):
+    model = resnet_small(width=8)
+    torch.manual_seed(0)
+    model = resnet_small(width=8)
+    blocks = ["layers.0.0", "layers.0.1", "layers.1.1", "layers.2.1"]
+    with torch.no_grad():
+        model.get_submodule("layers.1.1").conv2.weight.zero_()  # this residual branch carries nothing
+    x, y = digits[0][:64], digits[1][:64]
+    flow = block_scores(model, blocks, "synflow", example_inputs=x[:1])
+    snip = block_scores(model, blocks, "snip", data=(x, y))
+    assert flow["layers.1.1"] == pytest.approx(0.0, abs=1e-12) and min(flow.values()) == flow["layers.1.1"]
+    assert all(0 < flow[b] < 1 for b in blocks if b != "layers.1.1")
+    assert snip["layers.1.1"] == min(snip.values())
+    drop = LayerDropAtInit(model, 2, "synflow", data=[(x, y)])
+    assert drop.candidates == blocks  # the identity-shortcut blocks that keep their shape
+    removed = drop.apply()
+    assert removed[0] == "layers.1.1" and len(removed) == 2
+    second = min((b for b in blocks if b != "layers.1.1"), key=lambda b: flow[b])
+    assert removed[1] == second
+    assert all(isinstance(model.get_submodule(b), nn.Identity) for b in removed)
+    assert model(x[:3]).shape == (3, 10)
+
+
+def test_layer_drop_at_init_then_training(digits):
+    torch.manual_seed(1)
+    model = resnet_small(width=8)
+    dense_params = sum(p.numel() for p in model.parameters())
+    drop = LayerDropAtInit(model, 2, "snip", data=batches_of(digits, seed=4)(0)[:1])
+    fit(model, batches_of(digits), 3, adam(model), callbacks=[drop], progress=False)
+    assert len(drop.removed) == 2
+    removed_params = sum(p.numel() for b in drop.removed for p in resnet_small(width=8).get_submodule(b).parameters())
+    assert sum(p.numel() for p in model.parameters()) == dense_params - removed_params
+    assert accuracy(model, *digits[2:]) > 0.85
+
+
+# --- PreCropping ----------------------------------------------------------------------------------------------
+
+
+def test_layer_densities_follow_the_source(digits):
+    model = cnn(seed=9)
+    erk = layer_densities(model, 0.8, "erk")
+    weights = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert sum(erk[n] * weights[n] for n in weights) == pytest.approx(0.2 * sum(weights.values()), rel=1e-9)
+    snip = layer_densities(model, 0.8, "snip", data=[(digits[0][:64], digits[1][:64])])
+    assert sum(round(snip[n] * weights[n]) for n in weights) == round(0.2 * sum(weights.values()))
+    assert not masks.has_masks(model)  # measured on a copy
+
+
+@pytest.mark.parametrize("source", ["erk", "synflow"])
+def test_precrop_builds_a_narrower_model_at_the_density(digits, source):
+    torch.manual_seed(2)
+    model = resnet_small(width=8)
+    x = digits[0][:4]
+    result = precrop(model, 0.75, x, source, data=[(digits[0][:64], digits[1][:64])])
+    assert abs(result.density - 0.25) < 0.02
+    assert result.weights_after == sum(m.weight.numel() for m in model.modules()
+                                       if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert model(x).shape == (4, 10) and not masks.has_masks(model)
+    # widths follow kappa * sqrt(group density): a group of lower density keeps a smaller share
+    shares = {name: kept / size for name, (size, kept) in result.widths.items()}
+    assert 0 < min(shares.values()) < max(shares.values()) <= 1
+    if source == "erk":  # trains like any model: the optimizer is built on the narrow one
+        fit(model, batches_of(digits), 3, adam(model), progress=False)
+        assert accuracy(model, *digits[2:]) > 0.8
+
+
+def test_precrop_at_zero_sparsity_changes_nothing(digits):
+    torch.manual_seed(3)
+    model = resnet_small(width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = precrop(model, 0.0, digits[0][:2])
+    assert result.density == 1.0 and not result.plan
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- through the transformers Trainer -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: IterativeSoftShrinkage(m, 0.5, end_step=4, shrink=0.5, start_step=1),
+    lambda m: PDP(m, 0.5, end_step=4, start_step=1, tau=1e-4),
+    lambda m: MaskSparsity(m, 0.5, end_step=4, strength=0.01),
+], ids=["issp", "pdp", "mask-sparsity"])
+def test_methods_run_inside_the_transformers_trainer(tmp_path, make):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from prunekit.training import PruningTrainerCallback
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(0)
+    dataset = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 64, (12, 12), generator=g)]
+    method = make(model)
+    probe = Probe(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-3, dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                   callbacks=[PruningTrainerCallback(method, probe)])
+    trainer.train()
+    assert method.done
+    assert probe.pruned[2] == 0 and all(probe.zero)  # nothing masked before end_step
+    names = [n for n, _, _, _ in masks.masked_modules(model)]
+    assert len(names) == 14 and not any("embed" in n or "lm_head" in n for n in names)
+    for name, module, _, mask in masks.masked_modules(model):
+        assert int((module.weight == 0).sum()) == int((~mask).sum()) == round(0.5 * mask.numel()), name
+    assert set(model.state_dict()) == set(transformers.LlamaForCausalLM(config).state_dict())
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make, argument", [
+    (lambda m: pq_index(torch.zeros(5)), "w"),
+    (lambda m: pq_index(torch.ones(0)), "w"),
+    (lambda m: pq_index(torch.tensor([1.0, float("nan")])), "w"),
+    (lambda m: pq_index(torch.ones(3), p=1.0, q=0.5), "p"),
+    (lambda m: pq_index(torch.ones(3), p=-1.0), "p"),
+    (lambda m: pq_index([1.0, 2.0]), "w"),
+    (lambda m: IterativeSoftShrinkage(m, 0.5, 10, shrink=1.0), "shrink"),
+    (lambda m: IterativeSoftShrinkage(m, 0.5, 10, shrink=-0.1), "shrink"),
+    (lambda m: IterativeSoftShrinkage(m, 1.0, 10), "final_sparsity"),
+    (lambda m: IterativeSoftShrinkage(m, 0.5, 0), "end_step"),
+    (lambda m: IterativeSoftShrinkage(m, 0.5, 10, frequency=0), "frequency"),
+    (lambda m: PDP(m, 0.5, 10, tau=0.0), "tau"),
+    (lambda m: PDP(m, 0.5, 10, tau="hot"), "tau"),
+    (lambda m: PDP(m, 0.5, 10, budget="erk"), "budget"),
+    (lambda m: PDP(m, 1.5, 10), "sparsity"),
+    (lambda m: PDP(m, 0.5, 10, start_step=10), "end_step"),
+    (lambda m: MaskSparsity(m, 0.5, 10, strength=-1.0), "strength"),
+    (lambda m: MaskSparsity(m, 0.5, 10, granularity="filter"), "granularity"),
+    (lambda m: MaskSparsity(m, 0.5, 10, via_hooks="yes"), "via_hooks"),
+    (lambda m: SAP(m, p=2.0), "p"),
+    (lambda m: SAP(m, beta=1.0), "beta"),
+    (lambda m: SAP(m, gamma=0.0), "gamma"),
+    (lambda m: SAP(m, eta=-0.5), "eta"),
+    (lambda m: SAP(m, scope="neuron"), "scope"),
+    (lambda m: SAP(m, prune_every=0), "prune_every"),
+    (lambda m: SAP(m, rewind_step=-1), "rewind_step"),
+    (lambda m: SAP(m).run(1, lambda model, cb: None), "rewind_step"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), 4, example_inputs=torch.zeros(1, 1, 8, 8)), "count"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), -1, example_inputs=torch.zeros(1, 1, 8, 8)), "count"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), 1, "grasp", example_inputs=torch.zeros(1, 1, 8, 8)),
+     "criterion"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), 1), "example_inputs"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), 1, "snip", example_inputs=torch.zeros(1, 1, 8, 8)), "data"),
+    (lambda m: LayerDropAtInit(resnet_small(width=4), 1, example_inputs=torch.zeros(1, 1, 8, 8),
+                               blocks=["nope"]), "blocks"),
+    (lambda m: precrop(m, 1.0, torch.zeros(1, 64)), "sparsity"),
+    (lambda m: precrop(m, 0.5, torch.zeros(1, 64), "grasp"), "densities"),
+    (lambda m: precrop(m, 0.5, torch.zeros(1, 64), "snip"), "data"),
+    (lambda m: precrop(m, 0.5, torch.zeros(1, 64), round_to=0), "round_to"),
+])
+def test_bad_inputs_name_the_argument(make, argument):
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ArgumentError) as caught:
+        make(model)
+    assert caught.value.argument == argument
+    assert not masks.has_masks(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..errors import ArgumentError, check_sparsity, unknown_choice
 from ..graph.prune import default_graph, plan_for, rounded_keep, select_groups
 from ..graph.importance import score_groups
 from ..graph.surgery import Plan, apply_plan
+from ..graph.trace import build_graph
 from ..selection import Target
 from .common import targets_of
 
@@ -99,7 +101,9 @@ def precrop(model: nn.Module, sparsity: float, example_inputs: Any, densities: s
     ignore = [ignore] if isinstance(ignore, str) else list(ignore or ())
     targets = targets_of(model, types)
     wanted = layer_densities(model, sparsity, densities, data=data, example_inputs=example_inputs, targets=targets)
-    graph = default_graph(model, example_inputs)
+    # A model built without transformers ever being imported cannot be one of its models: skip that import.
+    graph = default_graph(model, example_inputs) if "transformers" in sys.modules else build_graph(
+        model, example_inputs)
     groups, _ = select_groups(graph, ignore)
     if not groups:
         raise ArgumentError("model", type(model).__name__, "a model with prunable channel groups",

@@ -109,6 +109,19 @@ class SAP(LotteryTicket):
         self.history.append(record)
         return record
 
+    def run(self, rounds: int, train_fn: Any, train_last: bool = False) -> list[float]:
+        """`rounds` times: train_fn(model, [self]), prune by the SAP rule, rewind the survivors to theta_k; with
+        `train_last`, train the final network too. Returns the densities, one per round after the starting one."""
+        rounds = check_step(rounds, "rounds", minimum=1)
+        for _ in range(rounds):
+            train_fn(self.model, [self])
+            self._require_rewind_point()  # before pruning: a failed run leaves the model unpruned
+            self.prune_round()
+            self.rewind()
+        if train_last:
+            train_fn(self.model, [self])
+        return list(self.densities)
+
     def on_epoch_end(self, epoch: int) -> None:
         """With prune_every, prune (in place, no rewinding) after every prune_every-th epoch."""
         if self.prune_every is not None and epoch > 0 and epoch % self.prune_every == 0:
