@@ -244,8 +244,10 @@ def prune_structured(
         return global_keeps(groups, scores, share, round_to)
 
     if budget in ("macs", "latency"):
-        ratio = _search_target(model, example_inputs, groups, scores, keeps_at, budget, float(target), latency_batch)
-    keeps = keeps_at(float(ratio))
+        ratio, keeps = _search_target(model, example_inputs, groups, scores, keeps_at, budget, float(target),
+                                      latency_batch)
+    else:
+        keeps = keeps_at(float(ratio))
     plan = plan_for(model, groups, scores, keeps)
     decisions = skipped + [GroupDecision(g.name, g.kind, g.size, k, list(g.notes)) for g, k in zip(groups, keeps)]
     for decision, group in zip(decisions[len(skipped):], groups):
@@ -263,8 +265,19 @@ def prune_structured(
     return StructuredResult(plan, decisions, graph, settings, costs)
 
 
-def _search_target(model, example_inputs, groups, scores, keeps_at, budget: str, target: float, batch: int) -> float:
-    """The global ratio whose pruned copy keeps at most `target` of the dense MACs (or latency)."""
+# Groups this small move in steps too large for a global ranking under a cost target: in a ViT built on
+# nn.MultiheadAttention one head unit is 1/12 of the residual stream, and units of equal score all leave at once.
+COARSE_UNITS = 32
+
+
+def _search_target(model, example_inputs, groups, scores, keeps_at, budget: str, target: float,
+                   batch: int) -> tuple[float, list[int]]:
+    """The global ratio, and the widths, whose pruned copy keeps at most `target` of the dense MACs (or latency).
+
+    Two bisections: first on one ratio for all groups, coarse groups (<= COARSE_UNITS units) pruned uniformly so that
+    they step one unit at a time; then, with the coarse widths fixed, on the ratio of the fine groups alone, so that
+    the result lands just under the target instead of one coarse step below it.
+    """
     from prunekit import measure
 
     if budget == "macs":
@@ -277,16 +290,42 @@ def _search_target(model, example_inputs, groups, scores, keeps_at, budget: str,
             return measure.measure_latency(m, inputs, warmup=2, repeats=7).median
 
     dense = cost(model)
+    coarse = [g.size <= COARSE_UNITS for g in groups]
 
-    def share(ratio: float) -> float:
+    def share_of(keeps: list[int]) -> float:
         candidate = copy.deepcopy(model)
-        plan = plan_for(candidate, groups, scores, keeps_at(ratio))
+        plan = plan_for(candidate, groups, scores, keeps)
         if plan:
             apply_plan(candidate, plan)
         return cost(candidate) / dense
 
+    def mixed(ratio: float, coarse_keeps: list[int]) -> list[int]:
+        return [c if is_coarse else k for c, k, is_coarse in zip(coarse_keeps, keeps_at(ratio), coarse)]
+
     steps = 12 if budget == "macs" else 7
-    return search_ratio(share, target, steps=steps)
+    if not any(coarse):
+        ratio = search_ratio(lambda r: share_of(keeps_at(r)), target, steps=steps)
+        return ratio, keeps_at(ratio)
+
+    def first_pass(r: float) -> list[int]:
+        return mixed(r, [rounded_keep(g.size, g.size * (1 - r), 1, g.min_keep) for g in groups])
+
+    ratio = search_ratio(lambda r: share_of(first_pass(r)), target, steps=steps)
+    below = first_pass(ratio)
+    if all(k == g.size for k, g, is_coarse in zip(below, groups, coarse) if is_coarse):
+        return ratio, below  # no coarse group moved: the first pass was fine-grained already
+    # The coarse widths just under the target, and one unit wider (over it alone, but the fine groups can make up).
+    above = [min(k + 1, g.size) if is_coarse and k < g.size else k for k, g, is_coarse in zip(below, groups, coarse)]
+    best: tuple[float, float, list[int]] | None = None
+    for coarse_keeps, high in ((below, ratio), (above, 0.95)):
+        fine_ratio = search_ratio(lambda r: share_of(mixed(r, coarse_keeps)), target, high=high, steps=steps)
+        keeps = mixed(fine_ratio, coarse_keeps)
+        reached = share_of(keeps)
+        if reached <= target and (best is None or reached > best[0]):
+            best = (reached, fine_ratio, keeps)
+    if best is None:
+        return ratio, below
+    return best[1], best[2]
 
 
 def describe_widths(decisions: Sequence[GroupDecision]) -> dict[str, list[int]]:
