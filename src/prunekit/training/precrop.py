@@ -1,15 +1,16 @@
-"""PreCropping: structured pruning at initialisation (Cai, An, Tian, Wang, Zhang & Wang 2022, Structured Pruning is
+"""PreCropping: structured pruning at initialisation (Cai, Hua, Chen, Suh, De Sa & Zhang 2022, Structured Pruning is
 All You Need for Pruning CNNs at Initialization).
 
-Pruning-at-initialisation methods mostly decide how many weights each layer keeps; which weights matters little.
-PreCropping keeps that per-layer decision and realises it as channel widths: the network is built narrower before
-training, so the savings are real in dense kernels. Layer densities d_l come from ERK (data-free), SNIP or SynFlow
-at the target sparsity; each coupled channel group (prunekit.graph traces residual adds, concatenations, ...) keeps
-a share kappa * sqrt(d) of its channels, d the mean density of the layers producing it, so a layer between two
-groups keeps about kappa^2 * sqrt(d_in d_out) of its weights; kappa is found by bisection so that the selected
-layers keep (1 - sparsity) of their weights as closely as the widths allow.
+The paper's finding: the accuracy of a network pruned at initialisation depends on its layer-wise densities, not on
+which weights inside a layer go. PreCropping therefore keeps the per-layer decision of a pruning-at-initialisation
+method and realises it as channel widths, so the network is built narrower and dense before training (the savings
+are real in dense kernels, for training too). Layer densities d_l come from ERK (data-free), SNIP or SynFlow at the
+target sparsity. How densities become widths is prunekit's rule: each coupled channel group (prunekit.graph traces
+residual adds, concatenations, ...) keeps a share kappa * sqrt(d) of its channels, d the mean density of the layers
+producing it, so a layer between two groups keeps about kappa^2 * sqrt(d_in d_out) of its weights; kappa is found
+by bisection so that the selected layers keep (1 - sparsity) of their weights as closely as whole channels allow.
 PreCropping changes the model's tensors, so run it before building the optimizer (it is a function, not a
-callback for that reason).
+callback, for that reason).
 """
 
 from __future__ import annotations
