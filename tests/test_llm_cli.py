@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from prunekit.errors import ArgumentError  # noqa: E402
 from prunekit.zoo import smollm2_135m  # noqa: E402
 
 
@@ -110,3 +111,44 @@ def test_real_smollm2_wanda_beats_magnitude():
     dense = perplexity(model, tokenizer, held_out, window=256, max_tokens=1024, progress=False)
     assert dense < results["wanda"] < results["magnitude"]
     assert results["magnitude"] > 1.5 * results["wanda"]
+
+
+def _kjv_like_dataset(tmp_path):
+    """A real-text `datasets` dataset saved to disk (Python's pydoc topics, one row per topic, some empty rows)."""
+    datasets = pytest.importorskip("datasets")
+    from pydoc_data.topics import topics
+
+    rows = [topics[key] for key in sorted(topics)] + ["", "   "]
+    folder = tmp_path / "pydoc-dataset"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": rows, "n": list(range(len(rows)))})}) \
+        .save_to_disk(folder)
+    return folder, rows
+
+
+def test_dataset_text_joins_the_non_empty_rows_of_the_column(tmp_path):
+    from prunekit.calibration import DatasetText, load_text
+
+    folder, rows = _kjv_like_dataset(tmp_path)
+    text = load_text(DatasetText(str(folder)))
+    assert text == "\n".join(r for r in rows if r.strip())
+    with pytest.raises(ArgumentError, match="column='body'.*text, n"):
+        load_text(DatasetText(str(folder), column="body"))
+    with pytest.raises(ArgumentError, match="split='validation'.*train"):
+        load_text(DatasetText(str(folder), split="validation"))
+    with pytest.raises(ArgumentError, match="column='n'"):  # a column of numbers is not text
+        load_text(DatasetText(str(folder), column="n"))
+
+
+def test_cli_calibrates_from_a_dataset_folder_and_refuses_two_sources(tiny_lm_folder, tmp_path):
+    folder, _ = _kjv_like_dataset(tmp_path)
+    out = tmp_path / "pruned"
+    result = _run("prune", tiny_lm_folder, "--method", "wanda", "--sparsity", "0.5", "--n-samples", "4",
+                  "--seq-len", "32", "--no-eval", "--calib-dataset", folder, "--out", out, "--json", "-q")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["total"]["sparsity"] == pytest.approx(0.5)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("words " * 5000)
+    result = _run("prune", tiny_lm_folder, "--method", "wanda", "--sparsity", "0.5", "--calib", calib,
+                  "--calib-dataset", folder, "--out", tmp_path / "two", "-q")
+    assert result.returncode == 2 and "--calib-dataset" in result.stderr and "not both" in result.stderr
+    assert not (tmp_path / "two").exists()

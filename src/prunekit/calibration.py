@@ -42,15 +42,64 @@ PROTOCOL_MAX_TOKENS = 256
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_text(path: str | os.PathLike | None = None) -> str:
-    """The text of a UTF-8 file, or with None an embedded default (Python's own pydoc topics, always installed)."""
+@dataclass(frozen=True)
+class DatasetText:
+    """Calibration or evaluation text from a Hugging Face `datasets` dataset: a hub name (with internet) or a folder
+    written by `Dataset.save_to_disk`. Rows of `column` are joined with newlines; empty rows are skipped."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+
+
+def _load_dataset(source: DatasetText) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("calibration from a `datasets` dataset needs the datasets package: "
+                          "pip install datasets") from None
+    if Path(source.name).is_dir():
+        loaded = datasets.load_from_disk(source.name)
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise ArgumentError("split", source.split, "one of the saved dataset's splits: "
+                                    + ", ".join(sorted(loaded)))
+            loaded = loaded[source.split]
+        return loaded
+    try:
+        return datasets.load_dataset(source.name, source.config, split=source.split)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        raise ArgumentError("dataset", source.name, "a dataset name `datasets.load_dataset` can load (or a folder "
+                            "written by save_to_disk)", hint=str(error).split("\n")[0]) from None
+
+
+def text_from_dataset(dataset: Any, column: str = "text") -> str:
+    """The non-empty rows of one string column of a `datasets` dataset, joined with newlines."""
+    names = list(getattr(dataset, "column_names", None) or [])
+    if column not in names:
+        raise ArgumentError("column", column, "a column of the dataset: " + (", ".join(names) or "(none)"))
+    rows = [row for row in dataset[column] if isinstance(row, str) and row.strip()]
+    if not rows:
+        raise ArgumentError("column", column, "a column holding text (every row is empty or not a string)")
+    return "\n".join(rows)
+
+
+def load_text(path: Any = None) -> str:
+    """The text of a UTF-8 file, of a `datasets` dataset (a `DatasetText`, or a loaded dataset with a "text" column),
+    or with None an embedded default (Python's own pydoc topics, always installed)."""
+    if isinstance(path, DatasetText):
+        return text_from_dataset(_load_dataset(path), path.column)
+    if hasattr(path, "column_names") and hasattr(path, "__getitem__"):  # an already loaded datasets.Dataset
+        return text_from_dataset(path)
     if path is None:
         from pydoc_data.topics import topics
 
         # Sorted keys: the same text whatever order the dict was written in.
         return "\n".join(topics[key] for key in sorted(topics))
     if not isinstance(path, (str, os.PathLike)):
-        raise ArgumentError("path", path, "a path to a UTF-8 text file, or None for the embedded default text")
+        raise ArgumentError("path", path, "a path to a UTF-8 text file, a DatasetText, a datasets.Dataset, or None "
+                            "for the embedded default text")
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

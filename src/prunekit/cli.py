@@ -233,7 +233,7 @@ def _prune_language_model(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     summary = prune_language_model(
-        args.model, args.method, args.sparsity, pattern=args.pattern, calib=args.calib, ppl=args.ppl,
+        args.model, args.method, args.sparsity, pattern=args.pattern, calib=_calibration_source(args), ppl=args.ppl,
         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, out=args.out, overwrite=args.overwrite,
         eval_tokens=args.eval_tokens, checkpoint_dir=args.checkpoint_dir, evaluate=not args.no_eval,
         progress=not args.quiet, log=log, **options,
@@ -260,7 +260,7 @@ def cmd_shrink(args: argparse.Namespace) -> int:
     summary = shrink(
         args.model, args.method, args.ratio, budget=args.budget, target=args.target, round_to=args.round_to,
         heads=None if args.heads == "none" else args.heads, drop_blocks=args.drop_blocks,
-        input_shape=args.input_shape, calib=args.calib, n_samples=args.n_samples, seq_len=args.seq_len,
+        input_shape=args.input_shape, calib=_calibration_source(args), n_samples=args.n_samples, seq_len=args.seq_len,
         eval_tokens=args.eval_tokens, measure_latency=not args.no_latency, out=args.out, overwrite=args.overwrite,
         seed=args.seed, progress=not args.quiet, log=_stderr_log(args.quiet),
     )
@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--no-eval", action="store_true", help="skip measuring the model before and after")
     llm = prune.add_argument_group("language models (wanda, sparsegpt, owl, owl-sparsegpt, magnitude)")
     llm.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8); default: an embedded English text")
+    _dataset_flags(llm)
     llm.add_argument("--ppl", metavar="FILE", help="held-out text for perplexity; default: the last tenth of --calib")
     llm.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
     llm.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
@@ -492,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the lowest block influence (ShortGPT)")
     shrink.add_argument("--input-shape", help="example input for prunekit.nets models, e.g. 1,3,224,224")
     shrink.add_argument("--calib", metavar="FILE", help="calibration text (default: the embedded English text)")
+    _dataset_flags(shrink)
     shrink.add_argument("--n-samples", type=int, default=32, help="calibration samples (default 32)")
     shrink.add_argument("--seq-len", type=int, default=128, help="tokens per sample / example length (default 128)")
     shrink.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity (4096)")
@@ -510,6 +512,25 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in COMMAND_MODULES:
         importlib.import_module(f"prunekit.{module_name}").register(sub)
     return parser
+
+
+def _dataset_flags(parser: Any) -> None:
+    parser.add_argument("--calib-dataset", metavar="NAME", help="calibration text from a `datasets` dataset instead "
+                        "of --calib: a hub name or a folder written by save_to_disk (needs `pip install datasets`)")
+    parser.add_argument("--calib-config", metavar="CONFIG", help="the dataset's configuration (e.g. wikitext-2-raw-v1)")
+    parser.add_argument("--calib-split", metavar="SPLIT", default="train", help="the split to read (default train)")
+    parser.add_argument("--calib-column", metavar="COLUMN", default="text", help="the text column (default text)")
+
+
+def _calibration_source(args: argparse.Namespace) -> Any:
+    """--calib FILE, or a DatasetText from --calib-dataset and its options (not both)."""
+    from .calibration import DatasetText
+
+    if args.calib_dataset is None:
+        return args.calib
+    if args.calib is not None:
+        raise ArgumentError("--calib-dataset", args.calib_dataset, "either --calib FILE or --calib-dataset, not both")
+    return DatasetText(args.calib_dataset, args.calib_config, args.calib_split, args.calib_column)
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
