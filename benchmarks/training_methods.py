@@ -3,12 +3,16 @@ same model (DigitsCNN), same optimizer and epochs, several seeds; writes its sec
 
     nice -n 19 .venv/bin/python benchmarks/training_methods.py            # 3 seeds, 90% sparsity, ~2 min on 2 cores
     nice -n 19 .venv/bin/python benchmarks/training_methods.py --quick    # 1 seed, 3 epochs; no BENCHMARKS.md
+
+Each finished run is appended to benchmarks/results/training_methods.jsonl; a rerun with the same settings reuses
+those lines and trains only what is missing (--fresh starts over).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -19,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from prunekit.examples import DigitsCNN, accuracy, load_digits_data
 from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage, MaskSparsity, PruneAtInit, fit,
@@ -26,6 +31,30 @@ from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage,
 
 MARKER = "training-methods"
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "training_methods.jsonl"
+
+
+def load_done(path: Path, settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, float]]:
+    """Results already measured with these settings, by (method, seed); unreadable lines are skipped."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+            if entry.get("settings") == settings:
+                done[(entry["method"], entry["seed"])] = entry["result"]
+    return done
+
+
+def append_result(path: Path, settings: dict[str, Any], method: str, seed: int, result: dict[str, float]) -> None:
+    """Append one run's result as a JSON line (flushed, so an interrupted run keeps what it finished)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"settings": settings, "method": method, "seed": seed, "result": result}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def weight_sparsity(model: nn.Module, dense_weights: int) -> float:
@@ -117,18 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--fresh", action="store_true", help="ignore results saved by earlier runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     epochs, seeds = (3, 1) if args.quick else (args.epochs, args.seeds)
     data = load_digits_data()
     steps = epochs * len(data.batches())
     table = methods(args.sparsity, steps, data)
-    run("warm-up", table["dense"], 999, 1, args.sparsity, data)  # first calls pay one-off costs: not timed
-    rows: dict[str, list[dict[str, float]]] = {}
-    for name, make in table.items():
-        rows[name] = [run(name, make, seed, epochs, args.sparsity, data) for seed in range(seeds)]
-        accs = ", ".join(f"{100 * r['accuracy']:.1f}" for r in rows[name])
-        print(f"{name}: accuracy {accs}; sparsity {100 * rows[name][0]['sparsity']:.1f}%", file=sys.stderr)
+    key = {"epochs": epochs, "sparsity": args.sparsity, "threads": 1}
+    done = {} if args.fresh or args.quick else load_done(RESULTS, key)
+    todo = [(name, seed) for name in table for seed in range(seeds) if (name, seed) not in done]
+    if todo:
+        run("warm-up", table["dense"], 999, 1, args.sparsity, data)  # first calls pay one-off costs: not timed
+    for name, seed in tqdm(todo, desc="training runs", unit="run", disable=None, file=sys.stderr):
+        done[(name, seed)] = run(name, table[name], seed, epochs, args.sparsity, data)
+        if not args.quick:
+            append_result(RESULTS, key, name, seed, done[(name, seed)])
+    rows = {name: [done[(name, seed)] for seed in range(seeds)] for name in table}
     settings = {"machine": f"2-core AMD EPYC, 23.5 GiB, shared ({platform.python_version()}, torch {torch.__version__}, "
                            "one thread)",
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "epochs": epochs,
