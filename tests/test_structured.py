@@ -464,3 +464,19 @@ def test_macs_target_lands_just_under_the_target_even_with_coarse_head_groups(ar
     prune_structured(model, x, budget="macs", target=0.5)
     kept = measure.count_macs(model, x) / dense
     assert 0.47 <= kept <= 0.5
+
+
+@pytest.mark.parametrize("scale", [1, 2**40])  # the packed int64 path, and the rank path where packing overflows
+def test_combined_key_sorts_like_lexsort_and_keeps_equal_rows_equal(scale):
+    import numpy as np
+
+    from prunekit.graph.trace import _combined_key
+
+    rng = np.random.default_rng(0)
+    columns = [rng.integers(0, 5, 200) * scale, rng.integers(0, 4, 200), rng.integers(0, 6, 200) * scale]
+    key = _combined_key(*columns)
+    rows = list(zip(*[c.tolist() for c in columns]))
+    assert [rows[i] for i in np.argsort(key, kind="stable")] == sorted(rows)
+    for i in range(0, 200, 7):
+        for j in range(200):
+            assert (key[i] == key[j]) == (rows[i] == rows[j])

@@ -139,15 +139,68 @@ def _describe_inputs(example_inputs: Sequence[Any]) -> str:
     return ", ".join(str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs)
 
 
+# Modules whose output has the shape of their input (checked against the module's own sizes where it has them).
+_SAME_SHAPE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
+               nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def _conv_shape(module: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Output shape of a convolution, or None when the input does not fit it (the module itself then says why)."""
+    spatial = len(module.kernel_size)
+    if (len(shape) != spatial + 2 or shape[1] != module.in_channels or isinstance(module.padding, str)
+            or isinstance(module, nn.modules.conv._ConvTransposeNd)):
+        return None
+    sizes = [(size + 2 * pad - dil * (k - 1) - 1) // stride + 1 for size, pad, dil, k, stride in
+             zip(shape[2:], module.padding, module.dilation, module.kernel_size, module.stride)]
+    return None if min(sizes) < 1 else (shape[0], module.out_channels, *sizes)
+
+
+def _module_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The output shape of the common modules from their sizes alone; None for anything else."""
+    if isinstance(module, _SAME_SHAPE):
+        return shape
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return shape if len(shape) >= 2 and shape[1] == module.num_features else None
+    if isinstance(module, nn.LayerNorm):
+        n = len(module.normalized_shape)
+        return shape if tuple(shape[len(shape) - n:]) == tuple(module.normalized_shape) else None
+    if isinstance(module, nn.Linear):
+        return (*shape[:-1], module.out_features) if shape and shape[-1] == module.in_features else None
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return _conv_shape(module, shape)
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and len(shape) == 4:
+        if isinstance(module, nn.AdaptiveMaxPool2d) and module.return_indices:
+            return None
+        size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
+        return (*shape[:2], *(s if o is None else o for s, o in zip(shape[2:], size)))
+    return None
+
+
 class _ShapeRecorder(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule) -> None:
+    """Runs the program and records every node's output shape. With shapes_only (meta tensors), the common modules'
+    outputs are made from their sizes instead of being run: meta kernels are Python, so this is what makes the pass
+    cheap on deep CNNs."""
+
+    def __init__(self, module: fx.GraphModule, shapes_only: bool = False) -> None:
         super().__init__(module)
         self.shapes: dict[fx.Node, Any] = {}
+        self.shapes_only = shapes_only
 
     def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
+        result = self._from_sizes(node) if self.shapes_only and node.op == "call_module" else None
+        if result is None:
+            result = super().run_node(node)
         self.shapes[node] = _shape_tree(result)
         return result
+
+    def _from_sizes(self, node: fx.Node) -> torch.Tensor | None:
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        value = self.env.get(node.args[0])
+        if not isinstance(value, torch.Tensor):
+            return None
+        shape = _module_shape(self.module.get_submodule(str(node.target)), tuple(value.shape))
+        return None if shape is None else torch.empty(shape, dtype=value.dtype, device="meta")
 
 
 SHAPE_PASSES = ("meta", "real", "fake")
@@ -191,7 +244,7 @@ class _ModelFailure(Exception):
 
 @torch.no_grad()
 def _run_recorder(traced: fx.GraphModule, example_inputs: Sequence[Any], shape_pass: str) -> dict[fx.Node, Any]:
-    recorder = _ShapeRecorder(traced)
+    recorder = _ShapeRecorder(traced, shapes_only=shape_pass == "meta")
     if shape_pass == "real":
         _run_checked(recorder, traced, example_inputs, real=True)
     elif shape_pass == "meta":
@@ -799,6 +852,41 @@ def connected_components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray
 # --- assembling groups ----------------------------------------------------------------------------------------------
 
 
+def _combined_key(*columns: np.ndarray) -> np.ndarray:
+    """One int64 per row that sorts like the rows of the non-negative integer columns (first column most significant),
+    so one argsort replaces a lexsort (several times faster); the rank among distinct rows where it would overflow."""
+    key = np.zeros(len(columns[0]), dtype=np.int64)
+    span = 1
+    for column in reversed(columns):
+        top = int(column.max()) + 1 if len(column) else 1
+        if span * top >= 2**62:  # equal rows share a rank, and ranks sort like the rows
+            return np.unique(np.stack(columns, axis=1), axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+        key += column.astype(np.int64) * span
+        span *= top
+    return key
+
+
+def _same_signature_groups(pair_keys: np.ndarray, unit_start: np.ndarray, n_keys: int) -> tuple[np.ndarray, int]:
+    """Group number of every unit: units touching the same set of tensors share one. Numbered by first appearance.
+
+    A unit's set of tensor keys (sorted, without repeats: pair_keys[unit_start[u]:unit_start[u + 1]]) is compared by
+    two independent 64-bit random sums plus its size, vectorised; a collision needs 2^-128 luck.
+    """
+    rng = np.random.default_rng(0x5EED)
+    salts = rng.integers(0, 2**63, size=(2, max(n_keys, 1)), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        first = np.add.reduceat(salts[0][pair_keys], unit_start)
+        second = np.add.reduceat(salts[1][pair_keys], unit_start)
+    sizes = np.diff(np.r_[unit_start, len(pair_keys)]).astype(np.uint64)
+    signature = np.stack([first, second, sizes], axis=1)
+    _, first_index, inverse = np.unique(signature, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    # renumber groups in order of their first unit, as the dictionary this replaced did
+    renumber = np.empty(len(first_index), dtype=np.int64)
+    renumber[np.argsort(first_index, kind="stable")] = np.arange(len(first_index))
+    return renumber[inverse], len(first_index)
+
+
 def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     """Components -> units -> groups (units touching the same tensors)."""
     ids = np.concatenate(analysis.member_ids) if analysis.member_ids else np.zeros(0, np.int64)
@@ -808,8 +896,9 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     edges_b = list(analysis.edges_b)
     # the same slice of the same tensor reached twice (a layer called twice, shared weights): one unit
     if len(ids):
-        order = np.lexsort((index, keys))
-        same = (keys[order][1:] == keys[order][:-1]) & (index[order][1:] == index[order][:-1])
+        slice_key = _combined_key(keys, index)
+        order = np.argsort(slice_key)
+        same = slice_key[order][1:] == slice_key[order][:-1]
         edges_a.append(ids[order][1:][same])
         edges_b.append(ids[order][:-1][same])
     # tensors read by an op without a rule must not be sliced at all
@@ -829,10 +918,10 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     if not len(ids):
         return [], frozen_units
     # one row per distinct (unit, tensor, index): a slice reached twice is still one slice
-    order = np.lexsort((index, keys, unit_labels))
-    unit_labels, keys, index = unit_labels[order], keys[order], index[order]
-    fresh = np.ones(len(order), dtype=bool)
-    fresh[1:] = (unit_labels[1:] != unit_labels[:-1]) | (keys[1:] != keys[:-1]) | (index[1:] != index[:-1])
+    row_key = _combined_key(unit_labels, keys, index)
+    order = np.argsort(row_key)
+    row_key, unit_labels, keys, index = row_key[order], unit_labels[order], keys[order], index[order]
+    fresh = np.r_[True, row_key[1:] != row_key[:-1]]
     unit_labels, keys, index = unit_labels[fresh], keys[fresh], index[fresh]
     # signature of a unit: the sorted set of tensors it touches (rows are sorted by unit, then tensor)
     pair_start = np.ones(len(keys), dtype=bool)
@@ -840,23 +929,21 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     pair_units, pair_keys = unit_labels[pair_start], keys[pair_start]
     unit_start = np.flatnonzero(np.r_[True, pair_units[1:] != pair_units[:-1]])
     units = pair_units[unit_start]
-    signatures = [tuple(chunk) for chunk in np.split(pair_keys, unit_start[1:]).__iter__()]
-    group_ids: dict[tuple, int] = {}
-    group_of_unit = np.array([group_ids.setdefault(tuple(map(int, sig)), len(group_ids)) for sig in signatures])
+    group_of_unit, n_groups = _same_signature_groups(pair_keys, unit_start, len(analysis.keys))
     # position of each unit inside its group: units are sorted by label, so count within each group in order
     by_group = np.argsort(group_of_unit, kind="stable")
     position = np.empty(len(units), dtype=np.int64)
-    counts = np.bincount(group_of_unit, minlength=len(group_ids))
+    counts = np.bincount(group_of_unit, minlength=n_groups)
     starts = np.r_[0, np.cumsum(counts)[:-1]]
     position[by_group] = np.arange(len(units)) - np.repeat(starts, counts)
     row_unit = np.searchsorted(units, unit_labels)
     row_group, row_position = group_of_unit[row_unit], position[row_unit]
     # rows grouped by (group, tensor), indices ascending inside each
-    order = np.lexsort((index, keys, row_group))
+    order = np.argsort(_combined_key(row_group, keys, index))
     row_group, keys, index, row_position = row_group[order], keys[order], index[order], row_position[order]
     cut = np.flatnonzero(np.r_[True, (row_group[1:] != row_group[:-1]) | (keys[1:] != keys[:-1])])
     bounds = list(zip(cut.tolist(), np.r_[cut[1:], len(keys)].tolist()))
-    members_of: list[list[Member]] = [[] for _ in group_ids]
+    members_of: list[list[Member]] = [[] for _ in range(n_groups)]
     for begin, stop in bounds:
         module, param, dim = key_names[int(keys[begin])]
         members_of[int(row_group[begin])].append(Member(
