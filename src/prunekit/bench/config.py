@@ -34,7 +34,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 OPTIMIZERS = ("adam", "sgd")
 STRUCTURED_BUDGETS = ("uniform", "global")
-DATASET_OPTION_KEYS = ("train_size", "test_size")
 
 
 class ConfigError(PruneError):
@@ -81,6 +80,13 @@ class BenchConfig:
         }
 
     @property
+    def metric(self) -> str:
+        """What the tables compare: test accuracy (image data), or held-out perplexity (text data)."""
+        from .tasks import dataset_kind
+
+        return "perplexity" if dataset_kind(self.dataset) == "text" else "accuracy"
+
+    @property
     def digest(self) -> str:
         """sha256 of the normalised configuration (key order and YAML comments do not change it)."""
         text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
@@ -110,7 +116,7 @@ def load_config(path: str | os.PathLike) -> BenchConfig:
 
 def parse_config(raw: Any, default_name: str = "bench", source: str = "") -> BenchConfig:
     """Validate a configuration mapping (as yaml.safe_load returns it) and fill in the defaults."""
-    from .tasks import DATASETS
+    from .tasks import DATASETS, check_dataset_options
 
     if not isinstance(raw, Mapping):
         raise ConfigError(f"the configuration must be a mapping of keys ({', '.join(TOP_KEYS)}), "
@@ -128,7 +134,7 @@ def parse_config(raw: Any, default_name: str = "bench", source: str = "") -> Ben
     dataset = raw["dataset"]
     if not isinstance(dataset, str) or dataset not in DATASETS:
         raise unknown_choice("dataset", dataset, DATASETS)
-    dataset_options = _dataset_options(raw.get("dataset_options", {}))
+    dataset_options = check_dataset_options(dataset, raw.get("dataset_options", {}))
     models = _models(raw["models"], dataset)
     training = _training(raw.get("training", {}))
     methods, notes = _methods(raw["methods"], dataset)
@@ -168,19 +174,8 @@ def _positive(value: Any, key: str, allow_zero: bool = False) -> float:
     return float(value)
 
 
-def _dataset_options(value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ArgumentError("dataset_options", value, f"a mapping with keys among {', '.join(DATASET_OPTION_KEYS)}")
-    options = {}
-    for key, item in value.items():
-        if key not in DATASET_OPTION_KEYS:
-            raise unknown_choice("dataset_options key", key, DATASET_OPTION_KEYS)
-        options[key] = _integer(item, f"dataset_options.{key}", 1)
-    return options
-
-
 def _models(value: Any, dataset: str) -> list[ModelSpec]:
-    from .tasks import MODELS, check_model_options
+    from .tasks import check_model_options, models_for
 
     specs, labels = [], set()
     for index, entry in enumerate(_list(value, "models", "model names or {name: ..., options} mappings")):
@@ -190,10 +185,10 @@ def _models(value: Any, dataset: str) -> list[ModelSpec]:
         if not isinstance(entry, Mapping):
             raise ArgumentError(key, entry, "a model name or a mapping with a 'name' key")
         if "name" not in entry:
-            raise ConfigError(f"{key} misses the required key 'name' (one of {', '.join(sorted(MODELS))})")
+            raise ConfigError(f"{key} misses the required key 'name' (one of {', '.join(models_for(dataset))})")
         name = entry["name"]
-        if not isinstance(name, str) or name not in MODELS:
-            raise unknown_choice(f"{key}.name", name, MODELS)
+        if not isinstance(name, str) or name not in models_for(dataset):
+            raise unknown_choice(f"{key}.name", name, models_for(dataset))
         options = {k: v for k, v in entry.items() if k not in ("name", "label")}
         check_model_options(name, options, dataset, key)
         label = entry.get("label") or name + "".join(f"-{k}{v}" for k, v in sorted(options.items()))

@@ -105,8 +105,23 @@ def one_shot_methods() -> list[str]:
     return [name for name, method in METHODS.items() if method.runner is None]
 
 
-def available_methods(dataset: str = "") -> list[str]:
-    """Every method name a configuration may list."""
+# Methods for causal language models (post-training, no fine-tuning): calibration-driven runners and data-free ones
+TEXT_DATA_FREE = ("magnitude", "global-magnitude", "random", "erk-random", "lamp")
+
+
+def text_methods() -> list[str]:
+    """The prunekit.prune methods a text benchmark can run on a causal LM."""
+    from ..methods import METHODS
+
+    return [name for name, method in METHODS.items() if method.runner is not None or name in TEXT_DATA_FREE]
+
+
+def available_methods(dataset: str = "digits") -> list[str]:
+    """Every method name a configuration on `dataset` may list."""
+    from .tasks import dataset_kind
+
+    if dataset_kind(dataset) == "text":
+        return ["dense", *text_methods()]
     structured = [f"structured-{s}" for s in STRUCTURED_SCORES]
     return ["dense", *one_shot_methods(), *TRAINING_CALLBACKS, "lottery", *structured,
             *(s + SCRATCH_SUFFIX for s in structured)]
@@ -122,7 +137,9 @@ def kind_of(method: str) -> str:
         return "lottery"
     if method.startswith("structured-"):
         return "scratch" if method.endswith(SCRATCH_SUFFIX) else "structured"
-    if method in one_shot_methods():
+    from ..methods import METHODS
+
+    if method in METHODS:
         return "one-shot"
     raise ArgumentError("method", method, "one of " + ", ".join(available_methods()))
 

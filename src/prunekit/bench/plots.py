@@ -7,7 +7,7 @@ import io
 from typing import Any, Sequence
 
 from .config import BenchConfig
-from .tables import cell_stats, select
+from .tables import cell_stats, metric_format, metric_title, select
 
 MARKERS = "osD^v<>pP*Xh"
 
@@ -38,27 +38,30 @@ def _png(figure: Any) -> bytes:
 
 
 def accuracy_plot(config: BenchConfig, records: Sequence[dict[str, Any]]) -> bytes:
-    """One panel per model: mean test accuracy against sparsity with std error bars, the dense reference as a
+    """One panel per model: mean test accuracy (or perplexity, log scale) against sparsity with std error bars, the dense reference as a
     dashed line with its std band."""
     figure, axes = _figure(1, len(config.models), 5.5, 4.2)
     methods = [m for m in config.methods if m != "dense"]
+    scale, _, higher = metric_format(config.metric)
     for ax, spec in zip(axes[0], config.models):
         for index, method in enumerate(methods):
-            points = [(s, cell_stats(records, spec.label, method, s)) for s in config.sparsities]
+            points = [(s, cell_stats(records, spec.label, method, s, config.metric)) for s in config.sparsities]
             points = [(s, v) for s, v in points if v is not None]
             if points:
-                ax.errorbar([100 * s for s, _ in points], [100 * v.mean for _, v in points],
-                            yerr=[100 * v.std for _, v in points], capsize=3, linewidth=1.2, markersize=4,
+                ax.errorbar([100 * s for s, _ in points], [scale * v.mean for _, v in points],
+                            yerr=[scale * v.std for _, v in points], capsize=3, linewidth=1.2, markersize=4,
                             label=method, **_style(index))
-        dense = cell_stats(records, spec.label, "dense", None)
+        dense = cell_stats(records, spec.label, "dense", None, config.metric)
         if dense is not None:
-            ax.axhline(100 * dense.mean, color="black", linestyle="--", linewidth=1, label="dense")
-            ax.axhspan(100 * (dense.mean - dense.std), 100 * (dense.mean + dense.std), color="black", alpha=0.08)
+            ax.axhline(scale * dense.mean, color="black", linestyle="--", linewidth=1, label="dense")
+            ax.axhspan(scale * (dense.mean - dense.std), scale * (dense.mean + dense.std), color="black", alpha=0.08)
+        if not higher:
+            ax.set_yscale("log")  # perplexities of different methods differ by orders of magnitude
         ax.set_title(f"{spec.label} on {config.dataset}")
         ax.set_xlabel("sparsity (%)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(metric_title(config))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="lower left" if higher else "upper left")
     return _png(figure)
 
 

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 from .config import BenchConfig
 from .plots import accuracy_plot, layer_plot
-from .tables import dense_line, markdown_table, result_rows, select, tables_markdown
+from .tables import (budget_sentence, dense_line, markdown_table, metric_title, result_rows, select,
+                     tables_markdown)
 
 TABLES_FILE = "tables.md"
 ACCURACY_PNG = "accuracy_vs_sparsity.png"
@@ -52,7 +53,6 @@ def _image(png: bytes, alt: str) -> str:
 def html_report(config: BenchConfig, records: Sequence[dict[str, Any]], accuracy_png: bytes, layers_png: bytes,
                 cells: int) -> str:
     """The whole report as one HTML document."""
-    training = config.training
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>prunekit bench: {html.escape(config.name)}</title><style>{_STYLE}</style></head><body>",
@@ -60,14 +60,13 @@ def html_report(config: BenchConfig, records: Sequence[dict[str, Any]], accuracy
         f"<p>Data set <b>{html.escape(config.dataset)}</b>; {len(records)} of {cells} cells finished; seeds "
         f"{', '.join(map(str, config.seeds))}; configuration sha256 <code>{config.digest[:16]}</code>; written "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
-        f"<p>Every cell: {training['epochs']} epochs at lr {training['lr']:g}, then {training['finetune_epochs']} at "
-        f"{training['finetune_lr']:g} ({html.escape(training['optimizer'])}, batch {training['batch_size']}), the "
-        "same data order and seeds for every method. Values: test accuracy (%), mean ± std over seeds; the best "
-        "mean of each column in bold.</p>",
+        f"<p>{html.escape(budget_sentence(config))} Values: {html.escape(metric_title(config))}, mean ± std over "
+        "seeds; the best mean of each column in bold.</p>",
     ]
     if config.notes:
         parts.append("<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in config.notes) + "</ul>")
-    parts.append("<h2>Accuracy against sparsity</h2>" + _image(accuracy_png, "accuracy against sparsity"))
+    title = "Perplexity" if config.metric == "perplexity" else "Accuracy"
+    parts.append(f"<h2>{title} against sparsity</h2>" + _image(accuracy_png, f"{title.lower()} against sparsity"))
     for spec in config.models:
         parts.append(f"<h3>{html.escape(spec.label)}</h3><p>{html.escape(dense_line(config, records, spec.label))}</p>")
         parts.append(html_table(*result_rows(config, records, spec.label)))

@@ -21,7 +21,8 @@ from torch import nn
 from ..selection import module_kind
 from .config import BenchConfig, ConfigError, ModelSpec
 from .methods import CellContext, kind_of, run_method, timed, train_dense, uses_sparsity
-from .tasks import ImageTask, build_model, load_task
+from .language import LanguageModels, layer_filter, run_language_cell
+from .tasks import ImageTask, TextTask, build_model, load_task
 
 RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "config.json"
@@ -201,23 +202,27 @@ class DenseCache:
 # --- measuring ------------------------------------------------------------------------------------------------------
 
 
-def weight_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """{layer: (nonzero weights, all weights)} for every Linear / Conv / Embedding weight, each tensor once."""
+def weight_counts(model: nn.Module, keep: Callable[[str], bool] | None = None) -> dict[str, tuple[int, int]]:
+    """{layer: (nonzero weights, all weights)} for every Linear / Conv / Embedding weight (those `keep` accepts),
+    each tensor once."""
     counts, seen = {}, set()
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if module_kind(module) is None or not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        if keep is not None and not keep(name):
             continue
         seen.add(id(weight))
         counts[name] = (int((weight.detach() != 0).sum()), weight.numel())
     return counts
 
 
-def sparsity_against(dense: nn.Module, model: nn.Module) -> tuple[dict[str, float], int, int]:
+def sparsity_against(dense: nn.Module, model: nn.Module, keep: Callable[[str], bool] | None = None
+                     ) -> tuple[dict[str, float], int, int]:
     """Per-layer sparsity of `model` relative to the dense architecture (a weight removed by structured pruning
     counts like a zero), with the kept and dense totals."""
-    before = {name: total for name, (_, total) in weight_counts(dense).items()}
-    after = weight_counts(model)
+    before = {name: total for name, (_, total) in weight_counts(dense, keep).items()}
+    after = weight_counts(model, keep)
     layers = {name: 1.0 - after.get(name, (0, 0))[0] / total for name, total in before.items() if total}
     kept = sum(after.get(name, (0, 0))[0] for name in before)
     return layers, kept, sum(before.values())
@@ -238,21 +243,31 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_cell(cell: Cell, config: BenchConfig, task: ImageTask, cache: DenseCache) -> dict[str, Any]:
+def run_cell(cell: Cell, config: BenchConfig, task: ImageTask | TextTask, cache: DenseCache,
+             language_models: LanguageModels) -> dict[str, Any]:
     """Run one cell and return its JSONL record."""
     from ..examples import accuracy
 
-    ctx = CellContext(task=task, model_name=cell.model.name, model_options=dict(cell.model.options), seed=cell.seed,
-                      training=config.training, dense_trained=lambda: None,
-                      prune_options=dict(config.method_options.get(cell.method, {})))
-    ctx.dense_trained = lambda: cache.get(ctx, cell.model.label)
-    outcome, seconds = timed(lambda: run_method(cell.method, cell.sparsity, ctx))
-    layers, kept, total = sparsity_against(build_model(cell.model.name, cell.model.options, task, cell.seed),
-                                           outcome.model)
-    acc = accuracy(outcome.model, task.x_test, task.y_test)
+    prune_options = dict(config.method_options.get(cell.method, {}))
+    acc = ppl = None
+    if isinstance(task, TextTask):
+        (outcome, ppl), seconds = timed(lambda: run_language_cell(
+            cell.method, cell.sparsity, cell.seed, task, cell.model.name, language_models, prune_options))
+        # No structural change: the pruned model is its own dense architecture; count the decoder's Linears.
+        layers, kept, total = sparsity_against(outcome.model, outcome.model, layer_filter(task))
+    else:
+        ctx = CellContext(task=task, model_name=cell.model.name, model_options=dict(cell.model.options),
+                          seed=cell.seed, training=config.training, dense_trained=lambda: None,
+                          prune_options=prune_options)
+        ctx.dense_trained = lambda: cache.get(ctx, cell.model.label)
+        outcome, seconds = timed(lambda: run_method(cell.method, cell.sparsity, ctx))
+        layers, kept, total = sparsity_against(build_model(cell.model.name, cell.model.options, task, cell.seed),
+                                               outcome.model)
+        acc = accuracy(outcome.model, task.x_test, task.y_test)
     return {
         "key": cell.key, "model": cell.model.label, "method": cell.method, "kind": kind_of(cell.method),
-        "sparsity": cell.sparsity, "seed": cell.seed, "accuracy": acc, "pruned_accuracy": outcome.pruned_accuracy,
+        "sparsity": cell.sparsity, "seed": cell.seed, "accuracy": acc, "perplexity": ppl,
+        "pruned_accuracy": outcome.pruned_accuracy,
         "measured_sparsity": 1.0 - kept / total if total else 0.0, "kept_weights": kept, "dense_weights": total,
         "layers": [[name, value] for name, value in layers.items()],  # a list: JSON key sorting keeps no order
         "steps": outcome.steps, "seconds": round(seconds, 3), "notes": outcome.notes,
@@ -290,15 +305,18 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
     todo = [cell for cell in cells if cell.key not in done]
     log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in {run_dir}")
     task = load_task(config.dataset, config.dataset_options) if todo else None
-    cache = DenseCache(run_dir)
+    cache, language_models = DenseCache(run_dir), LanguageModels()
     with torch_threads(threads):
         bar = tqdm(todo, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
         for cell in bar:
             bar.set_postfix_str(f"{cell.model.label} {cell.method} {cell.sparsity:g} seed {cell.seed}")
-            record = run_cell(cell, config, task, cache)
+            record = run_cell(cell, config, task, cache, language_models)
             append_result(run_dir, record)
-            log(f"{cell.key}: accuracy {100 * record['accuracy']:.2f}% at measured sparsity "
-                f"{100 * record['measured_sparsity']:.1f}% ({record['seconds']:.1f} s)")
+            with tqdm.external_write_mode(file=sys.stderr):  # a log line above the bar, not through it
+                metric = (f"perplexity {record['perplexity']:.3f}" if record["perplexity"] is not None
+                          else f"accuracy {100 * record['accuracy']:.2f}%")
+                log(f"{cell.key}: {metric} at measured sparsity {100 * record['measured_sparsity']:.1f}% "
+                    f"({record['seconds']:.1f} s)")
     records = [r for r in read_results(run_dir).values() if r.get("config_digest") == config.digest]
     outputs = write_outputs(config, records, run_dir)
     return RunSummary(run_dir, len(cells), len(todo), len(cells) - len(todo), outputs,

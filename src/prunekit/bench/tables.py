@@ -49,17 +49,33 @@ def _percent(value: float) -> str:
     return f"{100 * value:g}%"
 
 
+def metric_format(metric: str) -> tuple[float, int, bool]:
+    """(scale, digits, higher is better) of a metric: shares in percent, perplexity as it is."""
+    if metric == "perplexity":
+        return 1.0, 3, False
+    return 100.0, 2, True
+
+
+def metric_title(config: BenchConfig) -> str:
+    """The compared metric in words."""
+    if config.metric == "perplexity":
+        return "held-out perplexity (lower is better)"
+    return "test accuracy (%)"
+
+
 def result_rows(config: BenchConfig, records: Sequence[dict[str, Any]], model: str,
-                metric: str = "accuracy") -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) for one model: a row per method, a column per sparsity with mean ± std (in %), the best
-    mean of each column in bold, then the mean optimizer steps of the method's cells."""
+                metric: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) for one model: a row per method, a column per sparsity with mean ± std (accuracy in %),
+    the best mean of each column in bold, then the mean optimizer steps of the method's cells."""
+    metric = metric or config.metric
+    scale, digits, higher = metric_format(metric)
     methods = [m for m in config.methods if m != "dense"]
     headers = ["method", *(_percent(s) for s in config.sparsities), "steps"]
     table = {(m, s): cell_stats(records, model, m, s, metric) for m in methods for s in config.sparsities}
     best = {}
     for s in config.sparsities:
         means = [table[m, s].mean for m in methods if table[m, s] is not None]
-        best[s] = max(means) if means else None
+        best[s] = (max(means) if higher else min(means)) if means else None
     rows = []
     for method in methods:
         cells = [f"`{method}`"]
@@ -68,7 +84,7 @@ def result_rows(config: BenchConfig, records: Sequence[dict[str, Any]], model: s
             if value is None:
                 cells.append("—")
                 continue
-            text = value.text() + (f" (n={value.n})" if value.n != len(config.seeds) else "")
+            text = value.text(scale, digits) + (f" (n={value.n})" if value.n != len(config.seeds) else "")
             cells.append(f"**{text}**" if value.mean == best[s] else text)
         steps = stats(r.get("steps") for r in select(records, model=model, method=method))
         cells.append(f"{steps.mean:,.0f}" if steps else "—")
@@ -85,23 +101,34 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def dense_line(config: BenchConfig, records: Sequence[dict[str, Any]], model: str) -> str:
     """The dense reference of a model in words."""
-    dense = cell_stats(records, model, "dense", None)
+    dense = cell_stats(records, model, "dense", None, config.metric)
+    if config.metric == "perplexity":
+        return ("dense reference: not run" if dense is None else
+                f"dense reference: perplexity {dense.text(1.0, 3)} (n={dense.n})")
     budget = config.training["epochs"] + config.training["finetune_epochs"]
     if dense is None:
-        return f"dense reference: not run yet ({budget} epochs)"
+        return f"dense reference: not run ({budget} epochs)"
     return f"dense reference: {dense.text()}% ({budget} epochs, n={dense.n})"
+
+
+def budget_sentence(config: BenchConfig) -> str:
+    """What every cell got, in one sentence."""
+    training = config.training
+    if config.metric == "perplexity":
+        return ("Post-training pruning of the decoder's Linear layers, no fine-tuning; every method of a seed gets the "
+                "same calibration samples and the same held-out tokens. Columns are target sparsities.")
+    return (f"Every cell: {training['epochs']} epochs at lr {training['lr']:g} then {training['finetune_epochs']} "
+            f"at {training['finetune_lr']:g} ({training['optimizer']}, batch {training['batch_size']}); the same "
+            "data order for every method. Columns are target sparsities of the Linear/Conv weights "
+            "(structured methods: the share of channels removed).")
 
 
 def tables_markdown(config: BenchConfig, records: Sequence[dict[str, Any]], heading_level: int = 2) -> str:
     """Every model's accuracy table (after fine-tuning / training), and the one-shot accuracy before fine-tuning."""
     hashes = "#" * heading_level
-    training = config.training
-    out = [f"{hashes} {config.name}: test accuracy (%) on {config.dataset}, mean ± std over seeds "
+    out = [f"{hashes} {config.name}: {metric_title(config)} on {config.dataset}, mean ± std over seeds "
            f"{', '.join(map(str, config.seeds))}", ""]
-    out.append(f"Every cell: {training['epochs']} epochs at lr {training['lr']:g} then {training['finetune_epochs']} "
-               f"at {training['finetune_lr']:g} ({training['optimizer']}, batch {training['batch_size']}); the same "
-               "data order for every method. Columns are target sparsities of the Linear/Conv weights "
-               "(structured methods: the share of channels removed).")
+    out.append(budget_sentence(config))
     out += [f"- note: {note}" for note in config.notes]
     for spec in config.models:
         model = spec.label

@@ -76,17 +76,79 @@ def load_fashion_task(options: Mapping[str, Any]) -> ImageTask:
     return ImageTask("fashion-mnist", x_train, y_train, x_test, y_test)
 
 
-DATASETS: dict[str, Callable[[Mapping[str, Any]], ImageTask]] = {
-    "digits": load_digits_task,
-    "fashion-mnist": load_fashion_task,
+@dataclass
+class TextTask:
+    """Calibration and held-out text for post-training pruning of causal language models (metric: perplexity)."""
+
+    name: str
+    calibration_text: str
+    eval_text: str
+    n_samples: int
+    seq_len: int
+    eval_tokens: int
+
+    @property
+    def window(self) -> int:
+        """The perplexity window: at most 512 tokens, and never more than the evaluated tokens."""
+        return min(512, self.eval_tokens)
+
+
+TEXT_DEFAULTS = {"n_samples": 32, "seq_len": 128, "eval_tokens": 4096}
+
+
+def load_text_task(options: Mapping[str, Any], name: str = "pydoc-topics") -> TextTask:
+    """A text (the embedded pydoc topics, or `path`), its last tenth held out for perplexity."""
+    from ..calibration import load_text
+    from ..pipeline import split_held_out
+
+    calibration, held_out = split_held_out(load_text(options.get("path")))
+    sizes = {**TEXT_DEFAULTS, **{k: v for k, v in options.items() if k in TEXT_DEFAULTS}}
+    return TextTask(name, calibration, held_out, sizes["n_samples"], sizes["seq_len"], sizes["eval_tokens"])
+
+
+# name -> (loader(options), kind, {option: type}); image options are sizes, text options sizes or a path
+DATASETS: dict[str, tuple[Callable[[Mapping[str, Any]], Any], str, dict[str, type]]] = {
+    "digits": (load_digits_task, "image", {"train_size": int, "test_size": int}),
+    "fashion-mnist": (load_fashion_task, "image", {"train_size": int, "test_size": int}),
+    "pydoc-topics": (lambda o: load_text_task(o, "pydoc-topics"), "text",
+                     {"n_samples": int, "seq_len": int, "eval_tokens": int}),
+    "text": (lambda o: load_text_task(o, "text"), "text",
+             {"path": str, "n_samples": int, "seq_len": int, "eval_tokens": int}),
 }
 
 
-def load_task(name: str, options: Mapping[str, Any]) -> ImageTask:
-    """The data set a configuration names."""
+def dataset_kind(name: str) -> str:
+    """'image' (accuracy after training) or 'text' (perplexity after post-training pruning)."""
+    return DATASETS[name][1]
+
+
+def check_dataset_options(dataset: str, options: Any) -> dict[str, Any]:
+    """Validate dataset_options against what the data set takes."""
+    allowed = DATASETS[dataset][2]
+    if not isinstance(options, Mapping):
+        raise ArgumentError("dataset_options", options, f"a mapping with keys among {', '.join(allowed)}")
+    out = {}
+    for key, value in options.items():
+        if key not in allowed:
+            raise unknown_choice(f"dataset_options key (for {dataset})", key, allowed)
+        if allowed[key] is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ArgumentError(f"dataset_options.{key}", value, "an integer >= 1")
+        elif not isinstance(value, str) or not value:
+            raise ArgumentError(f"dataset_options.{key}", value, "a path to a UTF-8 text file")
+        out[key] = value
+    if dataset == "text" and "path" not in out:
+        raise ArgumentError("dataset_options.path", None, "a path to a UTF-8 text file (dataset 'text' needs one)")
+    if out.get("seq_len") == 1:
+        raise ArgumentError("dataset_options.seq_len", 1, "an integer >= 2")
+    return out
+
+
+def load_task(name: str, options: Mapping[str, Any]) -> Any:
+    """The data set a configuration names: an ImageTask or a TextTask."""
     if name not in DATASETS:
         raise unknown_choice("dataset", name, DATASETS)
-    return DATASETS[name](options)
+    return DATASETS[name][0](options)
 
 
 # --- models --------------------------------------------------------------------------------------------------
@@ -159,11 +221,18 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, tuple[int, int]]]] =
     "resnet-small": (_resnet, {"width": (16, 1)}),
     "vit-tiny": (_vit, {"dim": (64, 4)}),
 }
+# Causal language models of the zoo (post-training pruning on text data sets; loaded once per run)
+LANGUAGE_MODELS = ("smollm2-135m",)
+
+
+def models_for(dataset: str) -> tuple[str, ...]:
+    """The model names a data set can be paired with."""
+    return LANGUAGE_MODELS if dataset_kind(dataset) == "text" else tuple(MODELS)
 
 
 def check_model_options(name: str, options: Mapping[str, Any], dataset: str, key: str) -> None:
     """Refuse options a model does not take, or values of the wrong type, naming the key."""
-    allowed = MODELS[name][1]
+    allowed = MODELS[name][1] if name in MODELS else {}
     for option, value in options.items():
         if option not in allowed:
             raise unknown_choice(f"{key} option", option, [*allowed, "label"])
