@@ -480,3 +480,16 @@ def test_combined_key_sorts_like_lexsort_and_keeps_equal_rows_equal(scale):
     for i in range(0, 200, 7):
         for j in range(200):
             assert (key[i] == key[j]) == (rows[i] == rows[j])
+
+
+def test_shapes_made_from_module_sizes_equal_the_real_shapes():
+    """The meta pass skips running common modules; every node's recorded shape must still be the real one."""
+    from prunekit.graph.trace import record_shapes, symbolic_trace
+
+    pools = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, dilation=1), nn.MaxPool2d(3, 2, 1),
+                          nn.AvgPool2d(2), nn.Conv2d(8, 4, (3, 1), stride=(1, 2), padding=(2, 0), dilation=(2, 1)),
+                          nn.AdaptiveAvgPool2d((None, 2)))
+    for model, x in [(_model(arch), _input()) for arch in ARCHITECTURES] + [(pools, torch.randn(2, 3, 33, 29))]:
+        traced = symbolic_trace(model, set())
+        meta, real = record_shapes(traced, (x,)), record_shapes(traced, (x,), shape_pass="real")
+        assert meta == real

@@ -144,6 +144,9 @@ _SAME_SHAPE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid
                nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
 
+_BROADCASTING = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+
+
 def _conv_shape(module: nn.modules.conv._ConvNd, shape: tuple[int, ...]) -> tuple[int, ...] | None:
     """Output shape of a convolution, or None when the input does not fit it (the module itself then says why)."""
     spatial = len(module.kernel_size)
@@ -168,6 +171,15 @@ def _module_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] 
         return (*shape[:-1], module.out_features) if shape and shape[-1] == module.in_features else None
     if isinstance(module, nn.modules.conv._ConvNd):
         return _conv_shape(module, shape)
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and len(shape) == 4 and not module.ceil_mode:
+        if getattr(module, "return_indices", False):
+            return None
+        pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+        kernel, stride, pad = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding)
+        dilation = pair(getattr(module, "dilation", 1))
+        sizes = [(size + 2 * p - d * (k - 1) - 1) // st + 1
+                 for size, p, d, k, st in zip(shape[2:], pad, dilation, kernel, stride)]
+        return None if min(sizes) < 1 else (*shape[:2], *sizes)
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and len(shape) == 4:
         if isinstance(module, nn.AdaptiveMaxPool2d) and module.return_indices:
             return None
@@ -187,11 +199,28 @@ class _ShapeRecorder(fx.Interpreter):
         self.shapes_only = shapes_only
 
     def run_node(self, node: fx.Node) -> Any:
-        result = self._from_sizes(node) if self.shapes_only and node.op == "call_module" else None
+        result = None
+        if self.shapes_only and node.op == "call_module":
+            result = self._from_sizes(node)
+        elif self.shapes_only and node.op == "call_function" and node.target in _BROADCASTING:
+            result = self._broadcast(node)
         if result is None:
             result = super().run_node(node)
         self.shapes[node] = _shape_tree(result)
         return result
+
+    def _broadcast(self, node: fx.Node) -> torch.Tensor | None:
+        """x + y (residual adds): the broadcast shape of two same-dtype tensors; anything else runs."""
+        if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+            return None
+        a, b = (self.env.get(arg) for arg in node.args)
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype != b.dtype:
+            return None
+        try:
+            shape = torch.broadcast_shapes(a.shape, b.shape)
+        except RuntimeError:
+            return None  # the real op raises the user-facing error
+        return torch.empty(shape, dtype=a.dtype, device="meta")
 
     def _from_sizes(self, node: fx.Node) -> torch.Tensor | None:
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
