@@ -44,7 +44,7 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def write_config(folder: Path, methods: str = "[lamp, snip-init, lottery, structured-l2, dense]",
+def write_config(folder: Path, methods: str = "[lamp, snip-init, gradual-magnitude, lottery, structured-l2, dense]",
                  sparsities: str = "[0.5, 0.9]", name: str = "tiny.yaml", **replace: str) -> Path:
     text = TINY.format(methods=methods, sparsities=sparsities)
     for old, new in replace.items():
@@ -68,8 +68,8 @@ def finished(tmp_path_factory):
 
 def test_baselines_are_added_and_said(finished):
     config = finished[0]
-    assert config.methods == ["lamp", "snip-init", "lottery", "structured-l2", "dense", "random", "global-magnitude",
-                              "structured-l2-scratch"]
+    assert config.methods == ["lamp", "snip-init", "gradual-magnitude", "lottery", "structured-l2", "dense", "random",
+                              "global-magnitude", "structured-l2-scratch"]
     assert any("random, global-magnitude added automatically" in note for note in config.notes)
     assert any("structured-l2-scratch" in note and "scratch" in note for note in config.notes)
 
@@ -77,8 +77,8 @@ def test_baselines_are_added_and_said(finished):
 def test_every_cell_is_one_jsonl_line(finished):
     config, run_dir, records, summary = finished
     cells = bench.grid_cells(config)
-    # 7 methods x 2 sparsities x 2 seeds, plus the dense reference once per seed
-    assert len(cells) == 7 * 2 * 2 + 2 == summary.cells == summary.ran
+    # 8 methods x 2 sparsities x 2 seeds, plus the dense reference once per seed
+    assert len(cells) == 8 * 2 * 2 + 2 == summary.cells == summary.ran
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(cells)
     assert sorted(json.loads(line)["key"] for line in lines) == sorted(c.key for c in cells)
@@ -237,7 +237,7 @@ def test_config_digest_ignores_formatting(tmp_path):
                       "seeds": [0, 1], "sparsities": [0.9, 0.5], "dataset": "digits", "name": "tiny",
                       "dataset_options": {"test_size": 300, "train_size": 640},
                       "models": [{"name": "convnet", "width": 8}],
-                      "methods": ["lamp", "snip-init", "lottery", "structured-l2", "dense"]})
+                      "methods": ["lamp", "snip-init", "gradual-magnitude", "lottery", "structured-l2", "dense"]})
     assert a.digest == b.digest
     assert a.digest != parse_config({**yaml_of(a), "seeds": [0]}).digest
 
@@ -323,3 +323,18 @@ def test_cli_runs_and_bad_input_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("prunekit: error: models[0].name='convnett'")
     assert not (tmp_path / "never").exists()  # nothing written for a bad configuration
     assert issubclass(ConfigError, PruneError)
+
+
+def test_a_failing_cell_is_named_and_finished_cells_stay(tmp_path, monkeypatch):
+    config = load_config(write_config(tmp_path, methods="[global-magnitude]", sparsities="[0.5]"))
+    real = bench_runner.run_method
+
+    def failing(method, sparsity, ctx):
+        if method == "random":
+            raise ArgumentError("sparsity", sparsity, "something this method cannot do")
+        return real(method, sparsity, ctx)
+
+    monkeypatch.setattr(bench_runner, "run_method", failing)
+    with pytest.raises(PruneError, match=r"cell convnet-width8\|random\|0.5\|seed=0 failed: sparsity=0.5"):
+        bench.run_bench(config, tmp_path / "run", progress=False)
+    assert list(bench.read_results(tmp_path / "run")) == ["convnet-width8|global-magnitude|0.5|seed=0"]

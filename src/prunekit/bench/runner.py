@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..errors import PruneError
 from ..selection import module_kind
 from .config import BenchConfig, ConfigError, ModelSpec
 from .methods import CellContext, kind_of, run_method, timed, train_dense, uses_sparsity
@@ -310,7 +311,10 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
         bar = tqdm(todo, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
         for cell in bar:
             bar.set_postfix_str(f"{cell.model.label} {cell.method} {cell.sparsity:g} seed {cell.seed}")
-            record = run_cell(cell, config, task, cache, language_models)
+            try:
+                record = run_cell(cell, config, task, cache, language_models)
+            except PruneError as error:  # say which cell could not run; the finished ones stay recorded
+                raise PruneError(f"cell {cell.key} failed: {error}") from error
             append_result(run_dir, record)
             with tqdm.external_write_mode(file=sys.stderr):  # a log line above the bar, not through it
                 metric = (f"perplexity {record['perplexity']:.3f}" if record["perplexity"] is not None
