@@ -525,8 +525,21 @@ def _ok(records: dict[str, Any], name: str) -> dict[str, Any] | None:
     return record if record and record.get("status") == "ok" else None
 
 
-def _x_floor(record: dict[str, Any]) -> float | None:
-    if record.get("prune_seconds") is None or not record.get("floor_seconds"):
+# An invocation whose floor took this many times the fastest floor ran on a machine busy with other work: its
+# times say nothing about prunekit, so its rows show perplexity, sparsity and memory only.
+CONTENDED_FLOOR = 1.5
+
+
+def contended_invocations(floors: list[dict[str, Any]]) -> set[str]:
+    """Invocations whose floor is over CONTENDED_FLOOR times the fastest one."""
+    if not floors:
+        return set()
+    fastest = min(f["floor_seconds"] for f in floors)
+    return {f.get("invocation") for f in floors if f["floor_seconds"] > CONTENDED_FLOOR * fastest}
+
+
+def _x_floor(record: dict[str, Any], contended: set[str] = frozenset()) -> float | None:
+    if record.get("prune_seconds") is None or not record.get("floor_seconds") or record.get("invocation") in contended:
         return None
     return record["prune_seconds"] / record["floor_seconds"]
 
@@ -589,11 +602,16 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
         f" with plain `AutoModelForCausalLM.from_pretrained` (fp32), first {settings['eval_tokens']} tokens of the last"
         " 200,000 characters, windows of 512.",
     ]
+    contended = contended_invocations(used_floors)
     if used_floors:
         values = ", ".join(f"{f['floor_seconds']:.1f} s" for f in used_floors)
         lines.append(f"- **Floor** (one no-grad forward pass of the {settings['samples']} calibration samples through "
                      f"the dense model, `model(ids)` per sample, measured at the start of each invocation): {values}."
                      " Every run's \"x floor\" uses the floor of its own invocation.")
+    if contended:
+        lines.append(f"- Runs marked *contended* ran in an invocation whose floor took over {CONTENDED_FLOOR}x the "
+                     "fastest floor (the 2-core machine was busy with other jobs): their prune times are shown but not "
+                     "comparable, and get no \"x floor\"; their perplexity, sparsity and memory are unaffected.")
     dense = _ok(records, "dense")
     if dense:
         if settings["eval_tokens"] == FULL_EVAL_TOKENS:
@@ -609,12 +627,13 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
         if record.get("status") != "ok":
             lines.append(f"| {record['name']} | {record.get('tool')} | - | failed | | | | | |")
             continue
-        xf = _x_floor(record)
+        xf = _x_floor(record, contended)
+        busy = " *contended*" if record.get("invocation") in contended and record.get("prune_seconds") else ""
         pattern = "dense" if record["tool"] == "dense" else Run(record["name"], record["tool"], record.get("method"),
                                                                  record["pattern"], record.get("sparsity")).label
         lines.append(
             f"| {record['name']} | {record['tool']} | {pattern} | {record['linear_sparsity']:.4f} | "
-            f"{record['perplexity']:.2f} | {fmt_s(record.get('prune_seconds'))} | "
+            f"{record['perplexity']:.2f} | {fmt_s(record.get('prune_seconds'))}{busy} | "
             f"{'-' if xf is None else f'{xf:.2f}'} | {record['peak_rss_mib']:.0f} | {record['load_seconds']:.1f} |")
     lines += [
         "",
@@ -681,6 +700,14 @@ def targets(records: dict[str, Any]) -> list[str]:
                + f". SparseGPT ~ Wanda at 50% (within {ABOUT_EQUAL:.0%}): {_held(close)}"
                + (f" (SparseGPT {s:.2f}, Wanda {w:.2f})" if close is not None else "")
                + f". OWL helps at 70%: {_held(owl_helps)}" + (f" ({'; '.join(owl_parts)})" if owl_parts else "") + ".")
+    sweep = sorted((ppl(run.name), run.name) for run in RUNS if run.name.startswith("owl-70-M") and ppl(run.name))
+    if sweep and ppl("wanda-70") is not None:
+        base = ppl("wanda-70")
+        helped = [f"{name} {value:.2f}" for value, name in sweep if value < base]
+        out.append(f"   OWL's hyperparameters (Wanda at 70%, paper defaults M=5, lambda=0.08): "
+                   + ", ".join(f"{name} {value:.2f}" for value, name in sweep) + f"; Wanda uniform {base:.2f}. "
+                   + (f"Settings where OWL beats uniform Wanda: {', '.join(helped)}." if helped
+                      else "No setting tried beats uniform Wanda."))
     # (2) SparseGPT vs llmcompressor
     a, b = _ok(records, "sparsegpt-50"), _ok(records, "llmcompressor-sparsegpt-50")
     if a and b:
