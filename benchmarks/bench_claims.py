@@ -38,39 +38,41 @@ COMPLEX = ("lamp", "taylor", "snip", "grasp", "synflow", "snip-init", "grasp-ini
 COMPETITIVE_POINTS = 0.01  # one accuracy point
 
 
-def magnitude_verdict(config, records) -> tuple[bool, list[str]]:
+def magnitude_verdict(config, records) -> tuple[list[bool], list[str]]:
     """Global magnitude within a point (or the best complex method's std) of the best complex method, everywhere."""
     model = config.models[0].label
-    lines, held = [], True
+    lines, held = [], []
     for sparsity in config.sparsities:
         gm = cell_stats(records, model, "global-magnitude", sparsity)
         complex_stats = {m: cell_stats(records, model, m, sparsity) for m in COMPLEX if m in config.methods}
         complex_stats = {m: s for m, s in complex_stats.items() if s is not None}
         if gm is None or not complex_stats:
-            return False, [f"{100 * sparsity:g}%: cells missing"]
+            return [False], [f"{100 * sparsity:g}%: cells missing"]
         best = max(complex_stats, key=lambda m: complex_stats[m].mean)
         margin = gm.mean - complex_stats[best].mean
         ok = margin >= -max(COMPETITIVE_POINTS, complex_stats[best].std)
-        held &= ok
+        held.append(ok)
+        beaten = [m for m, v in complex_stats.items() if gm.mean > v.mean]
         lines.append(f"{100 * sparsity:g}%: global-magnitude {gm.text()} vs best complex `{best}` "
                      f"{complex_stats[best].text()} ({100 * margin:+.2f} points) -> "
-                     f"{'competitive' if ok else 'not competitive'}")
+                     f"{'competitive' if ok else 'not competitive'}; it beats {len(beaten)} of "
+                     f"{len(complex_stats)} complex criteria ({', '.join(beaten) or 'none'})")
     return held, lines
 
 
-def width_verdict(config, records) -> tuple[bool, list[str]]:
+def width_verdict(config, records) -> tuple[list[bool], list[str]]:
     """The dense - ERK-random gap of the widest model below the narrowest one's at every sparsity."""
-    lines, held = [], True
+    lines, held = [], []
     for sparsity in config.sparsities:
         gaps = []
         for spec in config.models:
             dense = cell_stats(records, spec.label, "dense", None)
             erk = cell_stats(records, spec.label, "erk-random-init", sparsity)
             if dense is None or erk is None:
-                return False, [f"{100 * sparsity:g}%: cells missing"]
+                return [False], [f"{100 * sparsity:g}%: cells missing"]
             gaps.append((spec.label, dense.mean - erk.mean))
         ok = gaps[-1][1] < gaps[0][1]
-        held &= ok
+        held.append(ok)
         listing = ", ".join(f"{label} {100 * gap:.2f}" for label, gap in gaps)
         lines.append(f"{100 * sparsity:g}%: dense - erk-random-init gap (points) {listing} -> "
                      f"{'shrinks' if ok else 'does not shrink'} from narrowest to widest")
@@ -84,6 +86,27 @@ VERDICTS = {
 }
 
 
+def outcome(held: list[bool], sparsities: list[float]) -> str:
+    """HELD, DID NOT HOLD, or where it held."""
+    if all(held):
+        return "HELD"
+    if not any(held):
+        return "DID NOT HOLD"
+    where = ", ".join(f"{100 * s:g}%" for s, ok in zip(sparsities, held) if ok)
+    return f"HELD IN PART (at {where} only)"
+
+
+def identical_methods(config, records) -> list[str]:
+    """Pairs of methods whose every cell gave the same accuracy (the same scores under two names)."""
+    def results(method: str) -> list[float]:
+        return sorted((r["key"].split("|", 2)[2], r["accuracy"]) for r in records if r["method"] == method)
+
+    methods = [m for m in config.methods if m != "dense"]
+    return [f"`{a}` and `{b}` gave identical results in every cell: with the same calibration batches they rank "
+            "the weights identically" for i, a in enumerate(methods) for b in methods[i + 1:]
+            if results(a) and results(a) == results(b)]
+
+
 def section(results: dict[str, tuple], date: str) -> str:
     """The BENCHMARKS.md section between the markers."""
     out = [f"<!-- {MARKER}: start -->", "## Benchmark harness: two claims from the literature (`prunekit bench`)", "",
@@ -94,8 +117,9 @@ def section(results: dict[str, tuple], date: str) -> str:
     for name, (config, records, seconds) in results.items():
         title, verdict = VERDICTS[name]
         held, lines = verdict(config, records)
-        out += [f"### {title}: {'HELD' if held else 'DID NOT HOLD'}", ""]
+        out += [f"### {title}: {outcome(held, config.sparsities)}", ""]
         out += [f"- {line}" for line in lines]
+        out += [f"- {line}" for line in identical_methods(config, records)]
         if seconds is not None:
             out.append(f"- grid of {len(records)} cells; wall time of this run {seconds / 60:.1f} min")
         out += ["", tables_markdown(config, records, heading_level=4).rstrip(), ""]

@@ -30,7 +30,7 @@ def test_perplexity_orders_dense_wanda_random(llm_run):
     ppl = {r["method"]: r["perplexity"] for r in records.values()}
     assert all(r["accuracy"] is None and r["steps"] == 0 for r in records.values())
     assert ppl["dense"] < ppl["wanda"] < ppl["random"]
-    assert ppl["wanda"] < 3 * ppl["dense"]  # Wanda at 50% stays close to dense; random pruning destroys the model
+    assert ppl["wanda"] < 4 * ppl["dense"] and ppl["random"] > 100 * ppl["dense"]  # random pruning destroys the model
 
 
 def test_sparsity_counts_the_decoder_linears_only(llm_run):

@@ -18,7 +18,6 @@ learning rate (lr for k < E, finetune_lr from E on, with a fresh optimizer state
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -313,11 +312,6 @@ def reinitialise(model: nn.Module, seed: int) -> None:
             module.reset_parameters()
         if hasattr(module, "reset_running_stats"):
             module.reset_running_stats()
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """An independent copy (the dense cache hands these out)."""
-    return copy.deepcopy(model)
 
 
 def timed(function: Callable[[], CellOutcome]) -> tuple[CellOutcome, float]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -325,8 +324,3 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
     outputs = write_outputs(config, records, run_dir)
     return RunSummary(run_dir, len(cells), len(todo), len(cells) - len(todo), outputs,
                       time.perf_counter() - started)
-
-
-def is_finite(value: Any) -> bool:
-    """A real number that is not nan or inf."""
-    return isinstance(value, (int, float)) and math.isfinite(value)
