@@ -199,6 +199,19 @@ def test_tiny_bert_with_padding_identity_and_restored_length():
     full = merged[0]
     distinct = torch.unique(full, dim=0).shape[0]
     assert distinct == 12 - 6
+    assert record.kept.all()  # merging loses no position
+
+
+def test_tiny_bert_pruned_positions_read_zeros_and_are_marked():
+    model = _tiny_bert(1)
+    ids = torch.randint(5, 50, (2, 12))
+    record = tokens.patch(model, "zero-tprune", r=[2, 2, 1])
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    tokens.unpatch(model)
+    assert out.shape == (2, 12, 32) and record.kept.shape == (2, 12)
+    assert (record.kept.sum(1) == 12 - 5).all() and record.kept[:, 0].all()  # the class token survives
+    assert (out[~record.kept] == 0).all() and (out[record.kept].abs().sum(-1) > 0).all()
 
 
 def test_tiny_transformers_vit_is_supported():

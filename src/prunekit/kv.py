@@ -31,7 +31,7 @@ def kept_count(dim: int, sparsity: float) -> int:
 
 
 def prune_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Bool mask of the top (1 - sparsity) entries of each last-dimension vector of `x` by magnitude (ties: lower index)."""
+    """Bool mask of the top (1 - sparsity) entries by magnitude of each last-axis vector of `x` (ties: lower index)."""
     sparsity = check_sparsity(sparsity)
     keep = kept_count(x.shape[-1], sparsity)
     # A stable descending sort breaks magnitude ties by position, so the count is exact even with repeated values.
@@ -276,12 +276,14 @@ def cache_nbytes(cache: Any) -> dict[str, int]:
 
 
 @torch.no_grad()
-def teacher_forced_nll(model: nn.Module, ids: torch.Tensor, cache: Any = None, prefix: int = 1) -> tuple[float, int]:
+def teacher_forced_nll(model: nn.Module, ids: torch.Tensor, cache: Any = None, prefix: int = 1,
+                       progress: bool = False) -> tuple[float, int]:
     """Sum of next-token NLL over one sequence `ids` (1-D), fed one token at a time through `cache`.
 
     The first `prefix` tokens are fed at once (a prefill); every later token is a decoding step that reads the
     cache. Returns (sum of NLL, tokens scored). With cache=None a plain DynamicCache is used (the dense reference).
     """
+    from tqdm.auto import tqdm
     from transformers.cache_utils import DynamicCache
 
     if ids.dim() != 1 or ids.numel() < 2:
@@ -294,7 +296,7 @@ def teacher_forced_nll(model: nn.Module, ids: torch.Tensor, cache: Any = None, p
     ids = ids.to(device)[None]
     logits = model(input_ids=ids[:, :prefix], cache=cache, use_cache=True).logits[:, -1]
     total, count = 0.0, 0
-    for position in range(prefix, ids.shape[1]):
+    for position in tqdm(range(prefix, ids.shape[1]), desc="decoding", unit="tok", disable=not progress, leave=False):
         total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, position]))
         count += 1
         if position + 1 < ids.shape[1]:

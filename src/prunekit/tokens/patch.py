@@ -6,9 +6,10 @@ MLP. The layers share a small state for one forward pass (token sizes, where eac
 puts the original forward methods back; nothing else about the model changes.
 
 Supported: prunekit.nets.ViT, transformers BertModel and ViTModel, and models built on them (a `bert` / `vit`
-base model). BERT outputs keep their length by default: every input position reads the merged token it went into
-(a pruned position keeps its state from before the layer that pruned it), so mean pooling with the attention mask
-stays valid, and for merges it equals the size-weighted mean that ToMe pools with.
+base model). BERT outputs keep their length by default: every input position reads the merged token it went into,
+so mean pooling with the attention mask equals the size-weighted mean that ToMe pools with. A pruned position
+reads zeros, and `TokenPatch.kept` marks the positions whose token survived the last forward (pool with
+attention_mask * kept to average over the survivors).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ArgumentError, ModelError, unknown_choice
-from .merge import Reduction, apply_reduction, compose_source
-from .tome import bipartite_soft_matching, check_merges
-from .zero_tprune import check_prunes, check_share, layer_iterations, zero_tprune_select
+from .merge import apply_reduction, compose_source
+from .tome import bipartite_soft_matching, check_merges, max_merges
+from .zero_tprune import check_prunes, check_share, layer_iterations, max_prunes, zero_tprune_select
 
 METHODS = ("tome", "zero-tprune")
 PATCH_ATTRIBUTE = "_prunekit_token_patch"
@@ -198,14 +199,18 @@ class TokenPatch:
     layers: list[nn.Module] = field(repr=False, default_factory=list)
     saved: list[tuple[nn.Module, bool, Any]] = field(repr=False, default_factory=list)
     tokens_per_layer: list[int] = field(default_factory=list)  # tokens entering each layer, last forward
+    kept: torch.Tensor | None = None  # (batch, input tokens) bool, last forward with restore_length: token survived
 
     def removals(self, layer: int, tokens: int) -> int:
         """How many tokens `layer` removes from `tokens`, validated against the method's maximum."""
-        if self.r is not None:
-            r = self.r[layer]
-        else:
-            r = tokens - int(math.floor(tokens * self.keep[layer] + 0.5))
         place = f"at layer {layer} ({tokens} tokens enter it)"
+        if self.r is None:
+            # A keep share is a target: on very short inputs a layer removes at most what its method allows.
+            r = tokens - int(math.floor(tokens * self.keep[layer] + 0.5))
+            limit = (max_merges(tokens, self.protect_first) if self.method == "tome"
+                     else max_prunes(tokens, self.importance_share, self.protect_first))
+            return min(r, limit)
+        r = self.r[layer]
         if self.method == "tome":
             return check_merges(r, tokens, self.protect_first, place)
         return check_prunes(r, tokens, self.importance_share, self.protect_first, place)
@@ -229,7 +234,6 @@ class _PassState:
     padded: bool
     merged: bool = False
     source: torch.Tensor | None = None  # (batch, original tokens): current index of each input token, -1 if pruned
-    frozen: torch.Tensor | None = None  # states of pruned input tokens
 
 
 def _validity_from_mask(mask: Any, batch: int, tokens: int, device: torch.device) -> torch.Tensor:
@@ -264,7 +268,6 @@ def _layer_forward(patch: TokenPatch, target: Target, index: int, layer: nn.Modu
         state = _PassState(valid[..., None].to(x.dtype), padded=not bool(valid.all()))
         if patch.restore_length:
             state.source = torch.arange(tokens, device=x.device).expand(batch, tokens).clone()
-            state.frozen = torch.zeros_like(x)
         patch._state = state  # type: ignore[attr-defined]
         patch.tokens_per_layer = []
     state = patch._state  # type: ignore[attr-defined]
@@ -283,33 +286,22 @@ def _layer_forward(patch: TokenPatch, target: Target, index: int, layer: nn.Modu
                                            patch.iterations[index], patch.protect_first, state.size,
                                            patch.head_filter)
         if state.source is not None:
-            _freeze_dropped(state, reduction, hidden_states)
+            state.source = compose_source(state.source, reduction)
         x, state.size = apply_reduction(x, state.size, reduction)
     x = target.adapter.feedforward(layer, x)
     if index == len(patch.layers) - 1:
         patch._state = None  # type: ignore[attr-defined]
         if state.source is not None:
-            x = _restore(x, state)
+            patch.kept = state.source >= 0
+            x = _restore(x, state.source)
     return x
 
 
-def _freeze_dropped(state: _PassState, reduction: Reduction, layer_input: torch.Tensor) -> None:
-    """Record the layer input of input tokens this reduction drops, then follow every input token to its new index."""
-    before = state.source
-    after = compose_source(before, reduction)
-    dropped = (before >= 0) & (after < 0)
-    if bool(dropped.any()):
-        channels = layer_input.shape[-1]
-        states = layer_input.gather(1, before.clamp_min(0)[..., None].expand(-1, -1, channels))
-        state.frozen = torch.where(dropped[..., None], states, state.frozen)
-    state.source = after
-
-
-def _restore(x: torch.Tensor, state: _PassState) -> torch.Tensor:
-    """Output of the original length: each input position reads its merged token, or its frozen state if pruned."""
+def _restore(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Output of the input's length: each position reads the token it went into, zeros if it was pruned."""
     channels = x.shape[-1]
-    gathered = x.gather(1, state.source.clamp_min(0)[..., None].expand(-1, -1, channels))
-    return torch.where((state.source >= 0)[..., None], gathered, state.frozen)
+    gathered = x.gather(1, source.clamp_min(0)[..., None].expand(-1, -1, channels))
+    return torch.where((source >= 0)[..., None], gathered, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # -------------------------------------------------------------------------------------------------- public API
@@ -322,8 +314,9 @@ def patch(model: nn.Module, method: str = "tome", r: int | Sequence[int] | None 
           head_filter: tuple[float, float] | None = None) -> TokenPatch:
     """Make `model` merge (method="tome") or prune (method="zero-tprune") tokens in every layer, in place.
 
-    Give exactly one of `r` (tokens removed per layer: one number or one per layer) or `keep` (share of the tokens
-    entering a layer that it keeps). `prop_attn` (default: on for ToMe, off for Zero-TPrune) adds log(size) to the
+    Give exactly one of `r` (tokens removed per layer: one number or one per layer; more than a layer can remove is
+    an error naming the maximum) or `keep` (share of the tokens entering a layer that it keeps, capped at what the
+    method can remove). `prop_attn` (default: on for ToMe, off for Zero-TPrune) adds log(size) to the
     attention logits. `protect_first` never removes the first (class) token. `restore_length` (default: on for BERT)
     gives outputs of the input's length. Zero-TPrune options: `importance_share` of r pruned by importance (the rest
     by similarity), WPR `iterations` (default: the paper's 30 / 5 / 1 by depth), `head_filter` variance range.
