@@ -149,6 +149,30 @@ def test_streamed_merge_equals_in_memory_merge_and_loads_in_transformers(folders
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
+def test_streamed_merge_holds_one_tensor_per_input_at_a_time(folders, tmp_path, monkeypatch):
+    """Memory stays at a few tensors whatever the model size: at most one live tensor per checkpoint."""
+    import weakref
+
+    from prunekit.merge import checkpoint
+
+    live, peak, reads = set(), [0], [0]
+    original = checkpoint.Checkpoint.get
+
+    def tracked(self, name):
+        tensor = original(self, name)
+        key = id(tensor)
+        live.add(key)
+        weakref.finalize(tensor, live.discard, key)
+        reads[0] += 1
+        peak[0] = max(peak[0], len(live))
+        return tensor
+
+    monkeypatch.setattr(checkpoint.Checkpoint, "get", tracked)
+    config = _config(folders, "dare_ties", [("ft0", {"density": 0.5}), ("ft1", {"density": 0.5})])
+    result = merge(config, tmp_path / "out", progress=False)
+    assert reads[0] == 3 * result.tensors and peak[0] <= 3
+
+
 def test_one_model_merge_reproduces_that_model(folders, tmp_path):
     ft0 = _weights(folders["ft0"])
     for method, params in (("linear", {}), ("task_arithmetic", {}), ("ties", {}), ("dare_linear", {}),

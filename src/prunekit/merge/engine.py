@@ -66,7 +66,8 @@ def merge_state_dicts(base: Mapping[str, torch.Tensor] | None, models: Sequence[
         for index, state in enumerate(models):
             if name not in state:
                 raise ModelError(f"tensor {name!r} is missing from model {index} ({config.models[index].model})")
-        result = merge_tensor(name, base[name] if base is not None else None, [m[name] for m in models], config)
+        wanted = base is not None and config.merge_method != "linear"
+        result = merge_tensor(name, base[name] if wanted else None, [m[name] for m in models], config)
         merged[name] = result.to(out_dtype or tensor.dtype) if tensor.is_floating_point() else result
     return merged
 
@@ -176,7 +177,9 @@ def merge(config: MergeConfig, out: str | os.PathLike, *, overwrite: bool = Fals
             parameters = 0
             for writer, group in zip(writers, groups):
                 for info in group:
-                    base_tensor = base.get(info.name) if base is not None else None
+                    # linear averages the models alone: the base only lends its layout and side files
+                    wanted = base is not None and config.merge_method != "linear"
+                    base_tensor = base.get(info.name) if wanted else None
                     merged = merge_tensor(info.name, base_tensor, [m.get(info.name) for m in models], config)
                     writer.write(info.name, merged)
                     parameters += merged.numel()
