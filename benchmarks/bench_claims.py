@@ -111,17 +111,19 @@ def section(results: dict[str, tuple], date: str) -> str:
     """The BENCHMARKS.md section between the markers."""
     out = [f"<!-- {MARKER}: start -->", "## Benchmark harness: two claims from the literature (`prunekit bench`)", "",
            f"Machine: {MACHINE}. Date: {date}. Command: `.venv/bin/python benchmarks/bench_claims.py` (each grid is "
-           "`prunekit bench benchmarks/configs/<name>.yaml`; run folders with report.html under "
-           "`benchmarks/results/bench/`). Accuracy: test accuracy (%), mean ± std over the seeds; every method gets "
-           "the same epochs, data order and seeds.", ""]
+           "`prunekit bench benchmarks/configs/<name>.yaml`; results.jsonl, tables.md and the self-contained "
+           "report.html of each run are in `benchmarks/results/bench/<name>/`). Accuracy: test accuracy (%), "
+           "mean ± std over the seeds; every method gets the same epochs, data order and seeds.", ""]
     for name, (config, records, seconds) in results.items():
         title, verdict = VERDICTS[name]
         held, lines = verdict(config, records)
         out += [f"### {title}: {outcome(held, config.sparsities)}", ""]
         out += [f"- {line}" for line in lines]
         out += [f"- {line}" for line in identical_methods(config, records)]
-        if seconds is not None:
-            out.append(f"- grid of {len(records)} cells; wall time of this run {seconds / 60:.1f} min")
+        cell_minutes = sum(r.get("seconds", 0.0) for r in records) / 60
+        out.append(f"- {len(records)} cells; their times sum to {cell_minutes:.1f} min"
+                   + (f" (wall time of this run {seconds / 60:.1f} min)" if seconds is not None else "")
+                   + "; the shared machine was heavily loaded, so times are not comparable between runs")
         out += ["", tables_markdown(config, records, heading_level=4).rstrip(), ""]
     out.append(f"<!-- {MARKER}: end -->")
     return "\n".join(out)
