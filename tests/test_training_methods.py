@@ -483,7 +483,47 @@ def test_methods_run_inside_the_transformers_trainer(tmp_path, make):
     assert set(model.state_dict()) == set(transformers.LlamaForCausalLM(config).state_dict())
 
 
+def test_layer_drop_at_init_removes_decoder_layers_inside_the_trainer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from prunekit.training import PruningTrainerCallback
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (8, 12), generator=g)
+    torch.manual_seed(0)
+    reference = transformers.LlamaForCausalLM(config)
+    names = [f"model.layers.{i}" for i in range(4)]
+    snip = block_scores(reference, names, "snip", data={"input_ids": ids[:4], "labels": ids[:4]})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    drop = LayerDropAtInit(model, 1, "snip", data={"input_ids": ids[:4], "labels": ids[:4]})
+    assert drop.candidates == names
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no", disable_tqdm=True, learning_rate=1e-3, dataloader_num_workers=0)
+    dataset = [{"input_ids": row, "labels": row.clone()} for row in ids]
+    transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                         callbacks=[PruningTrainerCallback(drop)]).train()
+    assert drop.removed == [min(names, key=lambda n: snip[n])]
+    assert drop.scores == pytest.approx(snip, rel=1e-9)
+    assert model.config.num_hidden_layers == 3 and len(model.model.layers) == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    model.save_pretrained(tmp_path / "dropped")
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dropped")
+    with torch.no_grad():
+        assert torch.allclose(again(ids[:2]).logits, model.eval()(ids[:2]).logits, atol=1e-5)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
+
+
+def _tiny_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(config)
 
 
 @pytest.mark.parametrize("make, argument", [
@@ -522,6 +562,11 @@ def test_methods_run_inside_the_transformers_trainer(tmp_path, make):
     (lambda m: LayerDropAtInit(resnet_small(width=4), 1, "snip", example_inputs=torch.zeros(1, 1, 8, 8)), "data"),
     (lambda m: LayerDropAtInit(resnet_small(width=4), 1, example_inputs=torch.zeros(1, 1, 8, 8),
                                blocks=["nope"]), "blocks"),
+    (lambda m: LayerDropAtInit(_tiny_llama(), 1, "synflow", data={"input_ids": torch.zeros(1, 4, dtype=torch.long)}),
+     "criterion"),
+    (lambda m: LayerDropAtInit(_tiny_llama(), 1, "snip"), "data"),
+    (lambda m: LayerDropAtInit(_tiny_llama(), 2, "snip", data={"input_ids": torch.zeros(1, 4, dtype=torch.long)}),
+     "count"),
     (lambda m: precrop(m, 1.0, torch.zeros(1, 64)), "sparsity"),
     (lambda m: precrop(m, 0.5, torch.zeros(1, 64), "grasp"), "densities"),
     (lambda m: precrop(m, 0.5, torch.zeros(1, 64), "snip"), "data"),

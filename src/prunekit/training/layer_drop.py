@@ -15,6 +15,7 @@ replaced by nn.Identity: the network is shallower from the first step and its ou
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any, Callable
 
 import torch
@@ -85,12 +86,27 @@ def block_scores(model: nn.Module, blocks: list[str], criterion: str = "synflow"
     return masses
 
 
+def _decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The decoder stack of a transformers model, or None for any other model."""
+    if "transformers" not in sys.modules:  # no transformers model can exist without the library loaded
+        return None
+    from ..graph.prune import is_transformers_model
+
+    if not is_transformers_model(model):
+        return None
+    from ..hf import find_decoder_blocks
+
+    return find_decoder_blocks(model)
+
+
 class LayerDropAtInit(PruningCallback):
     """Before training, replace the `count` residual blocks of lowest SynFlow flow share (data-free) or SNIP mass
     (one batch) by nn.Identity.
 
     example_inputs: an input batch (its shape is what SynFlow and the block search use), else taken from `data`.
-    blocks: candidate block names (default: every residual block with an identity shortcut that keeps its shape).
+    blocks: candidate block names (default: every residual block with an identity shortcut that keeps its shape;
+    for a transformers decoder, its decoder layers, scored by SNIP on `data` and deleted from the stack with the
+    config updated, as prunekit's ShortGPT block removal does).
     The optimizer may be built before (the removed blocks' parameters simply get no gradient again).
     """
 
@@ -98,7 +114,16 @@ class LayerDropAtInit(PruningCallback):
                  data: Any = None, blocks: list[str] | None = None, loss_fn: Callable | None = None) -> None:
         if criterion not in BLOCK_CRITERIA:
             raise unknown_choice("criterion", criterion, BLOCK_CRITERIA)
-        if example_inputs is None:
+        self.decoder = _decoder_blocks(model)  # (name, blocks) of a transformers decoder stack, else None
+        if self.decoder is not None:
+            if criterion != "snip":
+                raise ArgumentError("criterion", criterion, "'snip' for a transformers decoder (SynFlow's all-ones "
+                                    "input has no meaning for token ids)")
+            if data is None:
+                raise ArgumentError("data", None, "one batch of model inputs with 'labels' (SNIP needs a loss)")
+            if blocks is None:
+                blocks = [f"{self.decoder[0]}.{i}" for i in range(len(self.decoder[1]))]
+        elif example_inputs is None:
             if data is None:
                 raise ArgumentError("example_inputs", None, "an input batch, or data to take one from")
             example_inputs = _first_inputs(data)
@@ -125,7 +150,14 @@ class LayerDropAtInit(PruningCallback):
             self.scores = block_scores(self.model, self.candidates, self.criterion, self.example_inputs, self.data,
                                        self.loss_fn)
             chosen = sorted(self.candidates, key=lambda n: (self.scores[n], self.candidates.index(n)))[:self.count]
-            self.removed = replace_with_identity(self.model, chosen)
+            if self.decoder is not None and all(n.rpartition(".")[0] == self.decoder[0] for n in chosen):
+                from ..graph.transformers import remove_blocks
+
+                # Deleted from the stack (config and KV-cache layer numbers follow), not left as identities.
+                remove_blocks(self.model, [int(n.rpartition(".")[2]) for n in chosen])
+                self.removed = chosen
+            else:
+                self.removed = replace_with_identity(self.model, chosen)
         return self.removed
 
     def on_train_begin(self) -> None:
