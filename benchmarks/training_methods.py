@@ -110,8 +110,8 @@ def section(rows: dict[str, list[dict[str, float]]], settings: dict[str, Any]) -
              "`nice -n 19 .venv/bin/python benchmarks/training_methods.py`.", "",
              f"DigitsCNN on scikit-learn digits ({settings['n_train']} train / {settings['n_test']} test images), Adam "
              f"3e-3, {settings['epochs']} epochs of {settings['steps_per_epoch']} steps, target sparsity "
-             f"{settings['sparsity']:.0%} of the Linear/Conv weights; methods that prune while training finish at 60% of "
-             f"the steps and fine-tune after. Seeds {settings['seeds']}; mean ± standard deviation. SAP picks its own "
+             f"{settings['sparsity']:.0%} of the Linear/Conv weights; methods that prune while training finish at "
+             f"60% of the steps and fine-tune after. Seeds {settings['seeds']}; mean ± standard deviation. SAP picks its own "
              "sparsity; PreCropping removes channels (its sparsity counts the weights no longer there). Run times are "
              "left out: the machine was shared with other jobs, so they measure the neighbours (each run's seconds are "
              "in benchmarks/results/training_methods.jsonl).", "",
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.quick:
             append_result(RESULTS, key, name, seed, done[(name, seed)])
     rows = {name: [done[(name, seed)] for seed in range(seeds)] for name in table}
-    settings = {"machine": f"2-core AMD EPYC, 23.5 GiB, shared ({platform.python_version()}, torch {torch.__version__}, "
-                           "one thread)",
+    software = f"{platform.python_version()}, torch {torch.__version__}, one thread"
+    settings = {"machine": f"2-core AMD EPYC, 23.5 GiB, shared ({software})",
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "epochs": epochs,
                 "steps_per_epoch": len(data.batches()), "sparsity": args.sparsity, "seeds": list(range(seeds)),
                 "n_train": len(data.y_train), "n_test": len(data.y_test)}
