@@ -229,3 +229,24 @@ def test_bad_arguments_are_named():
     with pytest.raises(ArgumentError, match="the same number of experts"):
         drop_experts(model, {names[0]: [0], names[1]: [0, 1]})
     assert _count(model) == 4 and find_moe_layers(model)[0].num_experts == 4  # nothing changed
+
+
+def test_cli_prunes_a_folder_and_names_bad_arguments(tmp_path, capsys):
+    import json
+
+    from prunekit.cli import main
+
+    _model("mixtral", experts=4).save_pretrained(tmp_path / "moe")
+    assert main(["moe", str(tmp_path / "moe"), "--experts", "2", "--sparsity", "0.5", "--out", str(tmp_path / "out"),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["experts_after"] == 2 and summary["expert_sparsity"] == pytest.approx(0.5)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.num_local_experts == 2
+    capsys.readouterr()
+    assert main(["moe", str(tmp_path / "moe"), "--experts", "5", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("prunekit: error: n_experts=5") and not (tmp_path / "bad").exists()
+    assert main(["moe", str(tmp_path / "moe"), "--experts", "2", "--method", "wand", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "method='wand'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

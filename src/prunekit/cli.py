@@ -404,7 +404,7 @@ def _min_keep(text: str) -> float | int:
 
 # Subcommands that live in modules of their own: each module has `register(subparsers)`, which adds its parser and
 # sets `run=` to a function taking the parsed arguments. One line here per module keeps this file from growing.
-COMMAND_MODULES: tuple[str, ...] = ("merge", "bench_cli", "data_cli")
+COMMAND_MODULES: tuple[str, ...] = ("merge", "bench_cli", "data_cli", "moe_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
