@@ -80,22 +80,23 @@ def measure(results: dict[str, Any], key: str, force: bool, run: Callable[[], An
 
 
 def round_robin(runs: dict[str, Callable[[], Any]], setup: Callable[[str], None], teardown: Callable[[], None],
-                repeats: int) -> dict[str, float]:
-    """Median wall seconds per run, timing every run once per round (after one warm-up round), so drift on a shared
-    machine hits all runs alike."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
+                repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU seconds per run, timing every run once per round (after one warm-up round), so drift on a
+    shared machine hits all runs alike. With one thread, CPU seconds are the work itself, whatever else runs."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in runs}
     for round_index in range(repeats + 1):
         for name, function in runs.items():
             setup(name)
             try:
-                started = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 function()
-                elapsed = time.perf_counter() - started
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             finally:
                 teardown()
             if round_index:
-                times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}
+                times[name]["wall"].append(wall)
+                times[name]["cpu"].append(cpu)
+    return {name: {kind: statistics.median(values) for kind, values in kinds.items()} for name, kinds in times.items()}
 
 
 def _label(method: str, kind: str | None, value: Any) -> str:
@@ -140,7 +141,8 @@ def vit_throughput(results: dict[str, Any], args: argparse.Namespace) -> None:
         teardown()
     with torch.no_grad():
         seconds = round_robin({name: (lambda: model(images)) for name in settings}, setup, teardown, args.repeats)
-    value = {name: {"images_per_s": args.vit_batch / seconds[name], "final_tokens": finals[name]}
+    value = {name: {"images_per_s": args.vit_batch / seconds[name]["wall"],
+                    "images_per_cpu_s": args.vit_batch / seconds[name]["cpu"], "final_tokens": finals[name]}
              for name in settings}
     store(results, "vit", value)
     print(f"  vit: {value}", flush=True)
@@ -194,7 +196,8 @@ def minilm_runs(results: dict[str, Any], args: argparse.Namespace) -> None:
                 teardown()
             agreement[name] = {"cos_mean": cosine.mean().item(), "cos_min": cosine.min().item()}
         seconds = round_robin({name: embed_all for name in settings}, setup, teardown, args.repeats)
-    value = {name: {"sentences_per_s": len(sentences) / seconds[name], **agreement[name],
+    value = {name: {"sentences_per_s": len(sentences) / seconds[name]["wall"],
+                    "sentences_per_cpu_s": len(sentences) / seconds[name]["cpu"], **agreement[name],
                     "sentences": len(sentences), "mean_tokens": mean_tokens} for name in settings}
     store(results, "minilm", value)
     print(f"  minilm: {value}", flush=True)
@@ -278,26 +281,32 @@ def section(results: dict[str, Any], threads: int) -> str:
              ""]
     vit = results.get("vit", {})
     if vit:
-        base = vit.get("unpatched", {}).get("images_per_s")
+        base = vit.get("unpatched", {}).get("images_per_cpu_s")
         lines += ["ViT-Ti-style prunekit ViT (224 px, 197 tokens, 12 blocks of width 192, random weights: speed only), "
-                  "median images/s, gain = ratio to the unpatched model in the same run:", "",
-                  "| run | tokens after last block | images/s | gain |", "|---|---|---|---|"]
+                  "median over rounds of images per CPU second (one thread, so CPU time is the work whatever else "
+                  "runs on the shared machine) and per wall second; gain = CPU-time ratio to the unpatched model in "
+                  "the same run:", "",
+                  "| run | tokens after last block | images / CPU s | images / wall s | gain |",
+                  "|---|---|---|---|---|"]
         for name, v in vit.items():
-            gain = f"{v['images_per_s'] / base:.2f}x" if base else "-"
-            lines.append(f"| {name} | {v['final_tokens']} | {v['images_per_s']:.1f} | {gain} |")
+            gain = f"{v['images_per_cpu_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| {name} | {v['final_tokens']} | {v['images_per_cpu_s']:.2f} | {v['images_per_s']:.2f} "
+                         f"| {gain} |")
         lines.append("")
     mini = results.get("minilm", {})
     if mini:
-        base = mini.get("unpatched", {}).get("sentences_per_s")
+        base = mini.get("unpatched", {}).get("sentences_per_cpu_s")
         first = next(iter(mini.values()))
         lines += [f"Real all-MiniLM-L6-v2, {first['sentences']} pydoc topic sentences (mean {first['mean_tokens']:.1f} "
                   "tokens, batches of 32 of similar length); keep = share of tokens each of the 6 layers keeps; "
-                  "agreement = cosine of mean-pooled embeddings with the unpatched model's:", "",
-                  "| run | sentences/s | gain | cosine mean | cosine min |", "|---|---|---|---|---|"]
+                  "sentences per CPU second and per wall second as above; agreement = cosine of mean-pooled "
+                  "embeddings with the unpatched model's (Zero-TPrune: pooled over the surviving tokens):", "",
+                  "| run | sentences / CPU s | sentences / wall s | gain | cosine mean | cosine min |",
+                  "|---|---|---|---|---|---|"]
         for name, v in mini.items():
-            gain = f"{v['sentences_per_s'] / base:.2f}x" if base else "-"
-            lines.append(f"| {name} | {v['sentences_per_s']:.1f} | {gain} | {v['cos_mean']:.4f} | "
-                         f"{v['cos_min']:.4f} |")
+            gain = f"{v['sentences_per_cpu_s'] / base:.2f}x" if base else "-"
+            lines.append(f"| {name} | {v['sentences_per_cpu_s']:.1f} | {v['sentences_per_s']:.1f} | {gain} | "
+                         f"{v['cos_mean']:.4f} | {v['cos_min']:.4f} |")
         lines.append("")
     kvs = {k[3:]: v for k, v in results.items() if k.startswith("kv/") and k != "kv/plain forward"}
     if kvs:

@@ -3,7 +3,8 @@
 Each transformer layer's forward is replaced by one that runs the same weights: attention (with the token sizes
 as a log(size) bias for ToMe's proportional attention, and padding as size 0), then the token reduction, then the
 MLP. The layers share a small state for one forward pass (token sizes, where each input token went). `unpatch`
-puts the original forward methods back; nothing else about the model changes.
+puts the original forward methods back; nothing else about the model changes. The patched layers are meant for
+inference: attention dropout is not applied.
 
 Supported: prunekit.nets.ViT, transformers BertModel and ViTModel, and models built on them (a `bert` / `vit`
 base model). BERT outputs keep their length by default: every input position reads the merged token it went into,
