@@ -95,8 +95,12 @@ def _runs() -> list[Run]:
     for method in ("wanda", "owl", "sparsegpt", "owl-sparsegpt"):
         runs.append(Run(f"{method}-70", "prunekit", method, "unstructured", 0.7))
     # OWL's two hyperparameters (the paper tunes M in 3..10 and lambda in 0.02..0.25 per model family)
-    for m, lam in ((3, 0.08), (7, 0.08), (10, 0.08), (5, 0.04), (5, 0.15)):
+    for m, lam in ((3, 0.08), (7, 0.08), (10, 0.08), (5, 0.04), (5, 0.15), (10, 0.15)):
         runs.append(Run(f"owl-70-M{m}-L{lam:g}", "prunekit", "owl", "unstructured", 0.7,
+                        (("owl_m", float(m)), ("owl_lambda", lam))))
+    # the sweep's best outlier threshold for Wanda, over SparseGPT
+    for m, lam in ((7, 0.08), (10, 0.08)):
+        runs.append(Run(f"owl-sparsegpt-70-M{m}-L{lam:g}", "prunekit", "owl-sparsegpt", "unstructured", 0.7,
                         (("owl_m", float(m)), ("owl_lambda", lam))))
     return runs
 
@@ -700,14 +704,18 @@ def targets(records: dict[str, Any]) -> list[str]:
                + f". SparseGPT ~ Wanda at 50% (within {ABOUT_EQUAL:.0%}): {_held(close)}"
                + (f" (SparseGPT {s:.2f}, Wanda {w:.2f})" if close is not None else "")
                + f". OWL helps at 70%: {_held(owl_helps)}" + (f" ({'; '.join(owl_parts)})" if owl_parts else "") + ".")
-    sweep = sorted((ppl(run.name), run.name) for run in RUNS if run.name.startswith("owl-70-M") and ppl(run.name))
-    if sweep and ppl("wanda-70") is not None:
-        base = ppl("wanda-70")
+    for prefix, base_name, solver in (("owl-70-M", "wanda-70", "Wanda"), ("owl-sparsegpt-70-M", "sparsegpt-70",
+                                                                         "SparseGPT")):
+        sweep = sorted((ppl(run.name), run.name) for run in RUNS if run.name.startswith(prefix) and ppl(run.name))
+        base = ppl(base_name)
+        if not sweep or base is None:
+            continue
         helped = [f"{name} {value:.2f}" for value, name in sweep if value < base]
-        out.append(f"   OWL's hyperparameters (Wanda at 70%, paper defaults M=5, lambda=0.08): "
-                   + ", ".join(f"{name} {value:.2f}" for value, name in sweep) + f"; Wanda uniform {base:.2f}. "
-                   + (f"Settings where OWL beats uniform Wanda: {', '.join(helped)}." if helped
-                      else "No setting tried beats uniform Wanda."))
+        out.append(f"   OWL's hyperparameters over {solver} at 70% (paper defaults M=5, lambda=0.08; the paper tunes M "
+                   f"in 3..10): " + ", ".join(f"{name} {value:.2f}" for value, name in sweep)
+                   + f"; {solver} uniform {base:.2f}. "
+                   + (f"Settings where OWL beats uniform {solver}: {', '.join(helped)}." if helped
+                      else f"No setting tried beats uniform {solver}."))
     # (2) SparseGPT vs llmcompressor
     a, b = _ok(records, "sparsegpt-50"), _ok(records, "llmcompressor-sparsegpt-50")
     if a and b:
