@@ -342,7 +342,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"For scale: the unmerged base scores {base_cos:.4f} on the same cosine.", "",
               "DARE statistics of the merged delta (prunekit with the paper's rescale 1/(1-p) run as well; the "
               "reference is sum_i w_i delta_i; with two models the merged delta is non-zero where either model "
-              "kept an entry, expected share 1 - (1 - d)^2):", "",
+              "kept an entry, expected share 1 - (1 - d)^2; dare_ties also zeroes entries whose signs disagree):", "",
               "| method | tool | rescale | non-zero share of the delta (expected) | L1(merged delta) / L1(reference) |",
               "|---|---|---|---|---|"]
     for row in result["dare_stats"]:
@@ -386,7 +386,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--report", type=Path, default=BENCHMARKS_MD)
     parser.add_argument("--fine-tune", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--from-results", action="store_true", help="rewrite the section from the saved JSON only")
     args = parser.parse_args()
+    if args.from_results:
+        write_section(markdown(json.loads(RESULTS.read_text(encoding="utf-8"))), args.report)
+        return 0
     if args.fine_tune:
         fine_tune(args.fine_tune, args.steps, args.batch, args.tokens)
         return 0
