@@ -202,6 +202,8 @@ def _n_examples(args: argparse.Namespace, run: dict[str, Any] | None) -> int:
         return len(Path(args.texts).read_text(encoding="utf-8").splitlines())
     if getattr(args, "scores", None) is not None:
         return len(np.load(args.scores, mmap_mode="r"))
+    if args.dataset is not None:
+        return len(_load_dataset(args.dataset)[1])
     return len(np.load(args.labels, mmap_mode="r"))
 
 
@@ -234,7 +236,9 @@ def compute_scores(args: argparse.Namespace, run: dict[str, Any] | None, info: d
 def _labels(args: argparse.Namespace, run: dict[str, Any] | None) -> np.ndarray | None:
     if run is not None:
         return run["y"]
-    return None if args.labels is None else np.load(args.labels, allow_pickle=False)
+    if args.labels is not None:
+        return np.load(args.labels, allow_pickle=False)
+    return None if args.dataset is None else _load_dataset(args.dataset)[1].numpy()
 
 
 def _summary(scores: np.ndarray) -> dict[str, float]:
@@ -264,7 +268,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.report:
         _output(args.report, "--report", (".json",))
     log = _log(args)
-    run = _dataset_run(args, log) if args.dataset is not None else None
+    run = _dataset_run(args, log) if args.dataset is not None and args.method != "random" else None
     info: dict[str, Any] = {}
     scores = compute_scores(args, run, info)
     _save_npy(np.asarray(scores, dtype=np.float64), out)
@@ -298,7 +302,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     if args.report:
         _output(args.report, "--report", (".json",))
     log = _log(args)
-    needs_run = args.dataset is not None and (args.scores is None or args.class_balanced)
+    needs_run = args.dataset is not None and args.scores is None and args.method != "random"
     run = _dataset_run(args, log) if needs_run else None
     info: dict[str, Any] = {}
     method = args.method

@@ -78,7 +78,7 @@ def _finite_rows(array: np.ndarray, chunk_rows: int) -> np.ndarray:
 
 def prepare(embeddings: Any, nan_rows: str = "refuse", argument: str = "embeddings",
             chunk_rows: int = CHUNK_ROWS) -> Embeddings:
-    """Check an (N, D) array, an Embeddings or a .npy path; rows with NaN/inf are refused or (nan_rows='drop') left out."""
+    """Check an (N, D) array, Embeddings or .npy path; NaN/inf rows are refused, or left out with nan_rows='drop'."""
     if isinstance(embeddings, Embeddings):
         return embeddings
     check_choice(nan_rows, "nan_rows", NAN_POLICIES)

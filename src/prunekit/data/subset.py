@@ -19,7 +19,8 @@ INDEX_SUFFIXES = (".npy", ".txt")
 def _scores_array(scores: Any) -> np.ndarray:
     array = np.asarray(scores.detach().cpu().numpy() if hasattr(scores, "detach") else scores, dtype=np.float64)
     if array.ndim != 1 or len(array) == 0:
-        raise ArgumentError("scores", f"an array of shape {array.shape}", "a non-empty 1-D array, one score per example")
+        raise ArgumentError("scores", f"an array of shape {array.shape}",
+                            "a non-empty 1-D array, one score per example")
     nan = int(np.isnan(array).sum())
     if nan:
         raise ArgumentError("scores", f"an array with {nan} NaN scores", "a number for every example (inf allowed)")
