@@ -196,8 +196,11 @@ def render(records: list[dict[str, Any]], settings: dict[str, Any], scoring: dic
         f"All methods keep the hardest examples except `prototypes-easy`. Distillation: (1 - alpha) CE + alpha T^2 KL, "
         f"alpha {KD_ALPHA}, T {KD_TEMPERATURE:g}, teacher above. In brackets: the difference to `random` in "
         f"percentage points (same run, same step budget). One seed per cell; seed-to-seed noise was not measured.", ""]
-    methods = [m for m in METHODS if any(k[0] == m for k in cells)]
-    fractions = sorted({k[1] for k in cells if k[0] != "full"})
+    methods, fractions = list(METHODS), sorted({*FRACTIONS, *(k[1] for k in cells if k[0] != "full")})
+    missing = [(m, f, kd) for m in methods for f in fractions for kd in (False, True) if (m, f, kd) not in cells]
+    if missing:
+        lines += [f"{len(missing)} of {2 * len(methods) * len(fractions)} cells were not run (the run was stopped); "
+                  "they show as -.", ""]
     for kd in (False, True):
         full = cells.get(("full", 1.0, kd))
         title = "with distillation from the teacher" if kd else "cross-entropy only"

@@ -175,6 +175,26 @@ def render(records: dict[str, dict[str, Any]], generation: dict[str, Any], rows:
     return "\n".join(lines)
 
 
+def report_only(args: argparse.Namespace) -> int:
+    """Render (and write) the section from the latest result of each method at --rows."""
+    records: dict[str, dict[str, Any]] = {}
+    for line in RESULTS.read_text().splitlines() if RESULTS.is_file() else []:
+        record = json.loads(line)
+        if record.get("rows") == args.rows:
+            records[record["method"]] = record
+    if not records:
+        raise SystemExit(f"no results for {args.rows} rows in {RESULTS}")
+    planted = args.path.with_suffix(".duplicates.npy")
+    generation = {"planted_duplicates": int(len(np.load(planted))) if planted.is_file() else 0}
+    section = render(records, generation, args.rows)
+    print(section)
+    if not args.no_report and args.rows == 1_000_000:
+        from data_pruning import BENCHMARKS_MD, write_marked_section
+
+        write_marked_section(BENCHMARKS_MD, "data-pruning-scale", section)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -183,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=("semdedup", "dbp", "backends"),
                         default=["semdedup", "dbp", "backends"])
     parser.add_argument("--no-report", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--report-only", action="store_true", help="write the section from the latest results")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.path)))
         return 0
+    if args.report_only:
+        return report_only(args)
     generation: dict[str, Any] = {}
     if not args.path.is_file() or len(np.load(args.path, mmap_mode="r")) != args.rows:
         started = time.perf_counter()
