@@ -755,7 +755,8 @@ def write_section(path: Path, section: str) -> None:
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        # the section ends at the next heading, or at the marker comment that opens another script's section
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith(("## ", "<!-- "))), len(lines))
         rest = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
     path.parent.mkdir(parents=True, exist_ok=True)
