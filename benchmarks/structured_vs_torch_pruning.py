@@ -1232,7 +1232,7 @@ def render_fmnist(records: dict[str, dict[str, Any]], settings: dict[str, Any] |
         f"{config['weight_decay']}, seeded shuffles, no augmentation); weights cached as safetensors. Test accuracy on "
         f"the first {config['test']} test images. Pruning to <= {MACS_TARGET:.0%} of the dense MACs (1x1x28x28): "
         "prunekit `budget=\"macs\"`, torch-pruning the ratio bisection of part 2 (global, `ignored_layers=[fc]`). "
-        f"Recovery, identical for both: `prunekit.distill.distill(pruned, dense, ...)`, {config['kd_epochs']} epoch "
+        f"Recovery, identical for both: `prunekit.distill.distill(pruned, dense, ...)`, {config['kd_epochs']} epoch(s) "
         f"over the first {config['kd_train']} training images (seeded order, batch {config['batch']}), AdamW lr "
         f"{config['kd_lr']}, temperature {config['kd_temperature']}, alpha {config['kd_alpha']}, "
         f"`torch.manual_seed({SEED})` first.",
