@@ -473,8 +473,9 @@ def execute(args: argparse.Namespace) -> int:
     records = latest_records(read_records(results_path), settings_id)
     print(summary_table(records, names), flush=True)
     report_path = report_destination(args)
-    if report_path is not None:
-        write_section(report_path, render_section(records, names, settings, args))
+    if report_path is not None:  # the section always shows every finished run, not just this invocation's
+        every = [n for n in RUNS_BY_NAME if n in records]
+        write_section(report_path, render_section(records, every, settings, args))
         print(f"[bench] wrote the LLM section of {report_path}", flush=True)
     return 1 if failures else 0
 
@@ -534,12 +535,16 @@ def _ok(records: dict[str, Any], name: str) -> dict[str, Any] | None:
 CONTENDED_FLOOR = 1.5
 
 
+def _cpu(record: dict[str, Any]) -> str:
+    return str((record.get("machine") or {}).get("cpu"))
+
+
 def contended_invocations(floors: list[dict[str, Any]]) -> set[str]:
-    """Invocations whose floor is over CONTENDED_FLOOR times the fastest one."""
-    if not floors:
-        return set()
-    fastest = min(f["floor_seconds"] for f in floors)
-    return {f.get("invocation") for f in floors if f["floor_seconds"] > CONTENDED_FLOOR * fastest}
+    """Invocations whose floor is over CONTENDED_FLOOR times the fastest one on the same kind of CPU."""
+    fastest: dict[str, float] = {}
+    for floor in floors:
+        fastest[_cpu(floor)] = min(fastest.get(_cpu(floor), float("inf")), floor["floor_seconds"])
+    return {f.get("invocation") for f in floors if f["floor_seconds"] > CONTENDED_FLOOR * fastest[_cpu(f)]}
 
 
 def _x_floor(record: dict[str, Any], contended: set[str] = frozenset()) -> float | None:
@@ -594,8 +599,9 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
     lines += [
         "Protocol: `../shared/BENCH-PROTOCOLS.md`, \"LLM post-training pruning (SmolLM2-135M)\".",
         "",
-        f"- Machine: {machine.get('cpu')}, {machine.get('cores')} cores, {ram}; shared with other work, so absolute "
-        "times drift from run to run: compare the ratios.",
+        f"- Machine: {' and '.join(dict.fromkeys(_cpu(r) for r in ok if r.get('machine'))) or machine.get('cpu')}"
+        f" (the CPU of each invocation's machine), {machine.get('cores')} cores, {ram}; shared with other work, so "
+        "absolute times drift from run to run: compare ratios within one invocation.",
         f"- Software: Python {machine.get('python')}, torch {versions.get('torch')}, transformers "
         f"{versions.get('transformers')}{peer_versions}; {THREADS} threads, fp32; prunekit {machine.get('commit')}.",
         f"- Command: `{command}`",
@@ -608,13 +614,13 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
     ]
     contended = contended_invocations(used_floors)
     if used_floors:
-        values = ", ".join(f"{f['floor_seconds']:.1f} s" for f in used_floors)
+        values = ", ".join(f"{f['floor_seconds']:.1f} s ({_cpu(f)})" for f in used_floors)
         lines.append(f"- **Floor** (one no-grad forward pass of the {settings['samples']} calibration samples through "
                      f"the dense model, `model(ids)` per sample, measured at the start of each invocation): {values}."
                      " Every run's \"x floor\" uses the floor of its own invocation.")
     if contended:
         lines.append(f"- Runs marked *contended* ran in an invocation whose floor took over {CONTENDED_FLOOR}x the "
-                     "fastest floor (the 2-core machine was busy with other jobs): their prune times are shown but not "
+                     "fastest floor on the same CPU (the 2-core machine was busy with other jobs): their prune times are shown but not "
                      "comparable, and get no \"x floor\"; their perplexity, sparsity and memory are unaffected.")
     dense = _ok(records, "dense")
     if dense:
@@ -779,8 +785,9 @@ def report_only(args: argparse.Namespace) -> int:
     names = [n for n in (select_runs(args)) if n in latest] if args.only else [n for n in RUNS_BY_NAME if n in latest]
     print(summary_table(latest, names))
     path = report_destination(args)
-    if path is not None:
-        write_section(path, render_section(latest, names, settings, args))
+    if path is not None:  # the section always shows every finished run; --only narrows the printed table
+        every = [n for n in RUNS_BY_NAME if n in latest]
+        write_section(path, render_section(latest, every, settings, args))
         print(f"[bench] wrote the LLM section of {path}")
     return 0
 
