@@ -212,6 +212,12 @@ def render(records: list[dict[str, Any]], settings: dict[str, Any], scoring: dic
             row = [_cell_text(cells.get((method, f, kd)), cells.get(("random", f, kd))) for f in fractions]
             lines.append(f"| `{method}` | " + " | ".join(row) + " |")
         lines.append("")
+    full, smallest = cells.get(("full", 1.0, False)), cells.get(("random", fractions[0], False))
+    if full and smallest:
+        lines += [f"The step budget, not the data, limits these students: with {steps} steps a random "
+                  f"{fractions[0]:.0%} subset reaches {smallest['test_accuracy']:.2%} against "
+                  f"{full['test_accuracy']:.2%} for the whole pool, so a subset of the hardest examples only removes "
+                  f"the easy, typical ones the budget would have learned first.", ""]
     seconds = [r["train_seconds"] for r in records]
     lines += [f"Wall times (contended machine): scoring run {scoring['teacher_train_seconds']:.0f} s, EL2N "
               f"{scoring['el2n_seconds']:.1f} s, GraNd {scoring['grand_seconds']:.0f} s ({pool:,} per-example "
