@@ -82,7 +82,9 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    keep[torch.topk(flat.abs().float(), k, sorted=False).indices] = True
+    # A full descending sort, as mergekit does: fine-tuning deltas hold many equal magnitudes (Adam's first steps
+    # move weights by the same amount), and the same order at the threshold makes the two tools agree exactly.
+    keep[torch.argsort(flat.abs().float(), descending=True)[:k]] = True
     return torch.where(keep, flat, torch.zeros((), dtype=delta.dtype)).reshape(delta.shape)
 
 
@@ -108,20 +110,20 @@ def combine(
 ) -> torch.Tensor:
     """base + lambda * (sum_i w_i delta_i [restricted to sign-agreeing entries], divided by the matching weight sum
     when `normalize`: the disjoint mean of TIES)."""
-    stacked = torch.stack(list(deltas))
-    w = torch.tensor(list(weights), dtype=stacked.dtype).reshape(-1, *([1] * base.dim()))
-    weighted = stacked * w
+    weighted = torch.stack(list(deltas))
+    w = torch.tensor(list(weights), dtype=weighted.dtype).reshape(-1, *([1] * base.dim()))
+    weighted.mul_(w)  # in place: the stack is ours, and one fewer copy of every delta stays in memory
     if consensus:
         mask = agreeing(weighted)
-        mixed = torch.where(mask, weighted, torch.zeros((), dtype=weighted.dtype)).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
+        mixed = weighted.mul_(mask).sum(dim=0)
+        if normalize:
+            divisor = (w * mask).sum(dim=0)
+            mixed = mixed / torch.where(divisor == 0, torch.ones((), dtype=divisor.dtype), divisor)
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones((), dtype=divisor.dtype), divisor)
-    if normalize:
-        mixed = mixed / divisor
+        if normalize:
+            divisor = w.sum(dim=0)
+            mixed = mixed / torch.where(divisor.abs() < 1e-8, torch.ones((), dtype=divisor.dtype), divisor)
     return base + lam * mixed
 
 
