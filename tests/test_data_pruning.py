@@ -402,14 +402,19 @@ def test_cli_score_then_select_with_class_balance(tmp_path, capsys):
      "n_clusters=500 is not valid: at most the number of usable embeddings (99)"),
     (["--method", "semdedup", "--eps", "0.1", "--n-clusters", "4"], "1 of 100 rows holding NaN or inf"),
     (["--method", "dbp", "--keep", "0.5", "--out", "keep.csv"], "a file name ending in .npy or .txt"),
+    (["--method", "prototypes", "--keep", "0.5", "--nan-rows", "drop", "--n-clusters", "4", "--class-balanced",
+      "--labels", "labels.npy"], "--labels='99 labels' is not valid: one per example (100 rows in --embeddings"),
+    (["--method", "el2n", "--keep", "0.5", "--scores", "emb.npy.txt"],
+     "--scores='emb.npy.txt' is not valid: an existing file"),
 ])
 def test_cli_bad_input_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     x = clustered(100)
     x[0] = np.nan
     np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "labels.npy", np.zeros(99, dtype=np.int64))
     out = [] if "--out" in argv else ["--out", "keep.npy"]
     code = main(["data", "select", *argv, "--embeddings", "emb.npy", *out, "--report", "r.json", "-q"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb.npy", "labels.npy"]

@@ -116,6 +116,7 @@ def _check_args(args: argparse.Namespace, methods: tuple[str, ...]) -> None:
     if len(sources) > 1:
         raise ArgumentError("--" + sources[1], getattr(args, sources[1]),
                             f"one input at a time (--{sources[0]} is given too)")
+    _check_label_count(args)
     method = args.method
     needs = {
         "el2n": ("--logits with --labels, or --dataset", args.logits is not None and args.labels is not None
@@ -149,6 +150,31 @@ def _check_args(args: argparse.Namespace, methods: tuple[str, ...]) -> None:
             raise ArgumentError("--class-balanced", True, "needs class labels: --labels FILE.npy or --dataset")
         if args.class_balanced and method in ("semdedup", "dbp"):
             raise ArgumentError("--class-balanced", True, "used by score methods only (not semdedup or dbp)")
+
+
+def _npy_header(path: str, argument: str) -> np.ndarray:
+    """A .npy file memory-mapped (only its header is read now); an unreadable file is an ArgumentError."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ArgumentError(argument, path, f"a readable .npy array ({error})") from None
+    if array.ndim == 0:
+        raise ArgumentError(argument, path, "an array with one row per example, not a scalar")
+    return array
+
+
+def _check_label_count(args: argparse.Namespace) -> None:
+    """--labels must have one entry per row of the input that fixes the number of examples (read from .npy headers)."""
+    if args.labels is None:
+        return
+    labels = len(_npy_header(args.labels, "--labels"))
+    for name in ("scores", "embeddings", "logits"):
+        path = getattr(args, name, None)
+        if path is not None:
+            array = _npy_header(path, f"--{name}")
+            rows = array.shape[-2] if name == "logits" and array.ndim == 3 else len(array)
+            if rows != labels:
+                raise ArgumentError("--labels", f"{labels} labels", f"one per example ({rows} rows in --{name} {path})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,14 +223,14 @@ def _n_examples(args: argparse.Namespace, run: dict[str, Any] | None) -> int:
     if run is not None:
         return len(run["y"])
     if args.embeddings is not None:
-        return len(np.load(args.embeddings, mmap_mode="r"))
+        return len(_npy_header(args.embeddings, "--embeddings"))
     if args.texts is not None:
         return len(Path(args.texts).read_text(encoding="utf-8").splitlines())
     if getattr(args, "scores", None) is not None:
-        return len(np.load(args.scores, mmap_mode="r"))
+        return len(_npy_header(args.scores, "--scores"))
     if args.dataset is not None:
         return len(_load_dataset(args.dataset)[1])
-    return len(np.load(args.labels, mmap_mode="r"))
+    return len(_npy_header(args.labels, "--labels"))
 
 
 def compute_scores(args: argparse.Namespace, run: dict[str, Any] | None, info: dict[str, Any]) -> np.ndarray:
@@ -219,11 +245,13 @@ def compute_scores(args: argparse.Namespace, run: dict[str, Any] | None, info: d
             from .data.train import predict
 
             return D.el2n_scores(predict(run["snapshot"], run["x"]), run["y"])
-        return D.el2n_scores(np.load(args.logits, allow_pickle=False), np.load(args.labels, allow_pickle=False))
+        return D.el2n_scores(np.asarray(_npy_header(args.logits, "--logits")),
+                             np.asarray(_npy_header(args.labels, "--labels")))
     if method == "grand":
         return D.grand_scores(run["snapshot"], run["x"], run["y"], progress=not args.quiet)
     if method == "forgetting":
-        return run["forgetting"] if run is not None else D.forgetting_counts(np.load(args.history, allow_pickle=False))
+        return run["forgetting"] if run is not None else D.forgetting_counts(
+            np.asarray(_npy_header(args.history, "--history")))
     embeddings = D.prepare(_embeddings(args, run), args.nan_rows)
     info["dropped_nan_rows"] = embeddings.dropped
     clustering = D.kmeans(embeddings, args.n_clusters, seed=args.seed, backend=args.backend, progress=not args.quiet)
@@ -237,7 +265,7 @@ def _labels(args: argparse.Namespace, run: dict[str, Any] | None) -> np.ndarray 
     if run is not None:
         return run["y"]
     if args.labels is not None:
-        return np.load(args.labels, allow_pickle=False)
+        return np.asarray(_npy_header(args.labels, "--labels"))
     return None if args.dataset is None else _load_dataset(args.dataset)[1].numpy()
 
 
@@ -322,7 +350,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         keep, n = result.keep, len(embeddings.array)
         info.update(result.info, dropped_nan_rows=result.dropped_nan)
     else:
-        scores = np.load(args.scores, allow_pickle=False) if args.scores else compute_scores(args, run, info)
+        scores = np.asarray(_npy_header(args.scores, "--scores")) if args.scores else compute_scores(args, run, info)
         if method == "semdedup":  # saved SemDeDup similarities: lower = more unique, so the 'easy' end is kept
             hardness = "easy"
         else:
@@ -340,6 +368,14 @@ def cmd_select(args: argparse.Namespace) -> int:
     return _finish(args, report)
 
 
+def _source_name(args: argparse.Namespace) -> str:
+    """The input that fixed the number of examples, for messages."""
+    for name in ("scores", "embeddings", "texts", "dataset", "logits", "history"):
+        if getattr(args, name, None) is not None:
+            return f"--{name} {getattr(args, name)}"
+    return "the input"
+
+
 def _select_scored(scores: Any, labels: np.ndarray | None, args: argparse.Namespace, hardness: str) -> np.ndarray:
     """select() over the examples that have a score; NaN scores (rows dropped for NaN embeddings) are never kept."""
     from .data import select
@@ -354,7 +390,8 @@ def _select_scored(scores: Any, labels: np.ndarray | None, args: argparse.Namesp
     if len(scored) == 0:
         raise ArgumentError("--scores", "an array of NaN scores only", "at least one score")
     if labels is not None and len(labels) != len(array):
-        raise ArgumentError("--labels", f"{len(labels)} labels", f"one per example ({len(array)} scores)")
+        raise ArgumentError("--labels", f"{len(labels)} labels",
+                            f"one per example ({len(array)} rows in {_source_name(args)})")
     kept = select(array[scored], args.keep, hardness=hardness,
                   labels=None if labels is None else labels[scored], class_balanced=labels is not None)
     return scored[kept]
