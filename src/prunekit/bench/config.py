@@ -81,10 +81,13 @@ class BenchConfig:
 
     @property
     def metric(self) -> str:
-        """What the tables compare: test accuracy (image data), or held-out perplexity (text data)."""
-        from .tasks import dataset_kind
+        """What the tables compare: test accuracy (image data); on text, held-out perplexity (causal LMs) or the
+        cosine similarity of sentence embeddings to the dense model's (encoders)."""
+        from .tasks import dataset_kind, text_metric
 
-        return "perplexity" if dataset_kind(self.dataset) == "text" else "accuracy"
+        if dataset_kind(self.dataset) != "text":
+            return "accuracy"
+        return text_metric([m.name for m in self.models])
 
     @property
     def digest(self) -> str:
@@ -136,6 +139,10 @@ def parse_config(raw: Any, default_name: str = "bench", source: str = "") -> Ben
         raise unknown_choice("dataset", dataset, DATASETS)
     dataset_options = check_dataset_options(dataset, raw.get("dataset_options", {}))
     models = _models(raw["models"], dataset)
+    from .tasks import dataset_kind, text_metric
+
+    if dataset_kind(dataset) == "text":
+        text_metric([m.name for m in models])  # one metric per grid: causal LMs and encoders are not mixed
     training = _training(raw.get("training", {}))
     methods, notes = _methods(raw["methods"], dataset)
     sparsities = _sparsities(raw["sparsities"])

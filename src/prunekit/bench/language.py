@@ -15,7 +15,7 @@ from .tasks import TextTask
 
 # The Linear layers inside the decoder blocks (the runners prune exactly these; the embedding and the output head
 # stay dense), for the data-free methods and for counting sparsity.
-DECODER_LINEARS = r"re:(^|.*\.)layers\.\d+\..*"
+DECODER_LINEARS = r"re:(^|.*\.)layers?\.\d+\..*"  # model.layers.N (Llama-style), encoder.layer.N (BERT)
 
 
 class LanguageModels:
@@ -24,15 +24,31 @@ class LanguageModels:
     def __init__(self) -> None:
         self._loaded: dict[str, tuple[nn.Module, Any]] = {}
 
+    def dense(self, name: str) -> tuple[nn.Module, Any]:
+        """The loaded dense model itself (never to be pruned) and its tokenizer."""
+        if name not in self._loaded:
+            self._loaded[name] = _load(name)
+        return self._loaded[name]
+
     def get(self, name: str) -> tuple[nn.Module, Any]:
         """(a fresh copy of the dense model, its tokenizer)."""
-        if name not in self._loaded:
-            from ..zoo import load_causal_lm
-
-            model, tokenizer = load_causal_lm(name)
-            self._loaded[name] = (model.eval(), tokenizer)
-        model, tokenizer = self._loaded[name]
+        model, tokenizer = self.dense(name)
         return copy.deepcopy(model), tokenizer
+
+
+def _load(name: str) -> tuple[nn.Module, Any]:
+    """A zoo causal LM, or the embedded MiniLM encoder, in eval mode, with its tokenizer."""
+    from .tasks import ENCODER_MODELS
+
+    if name in ENCODER_MODELS:
+        from ..zoo import load_minilm
+
+        model, tokenizer = load_minilm()
+    else:
+        from ..zoo import load_causal_lm
+
+        model, tokenizer = load_causal_lm(name)
+    return model.eval(), tokenizer
 
 
 def decoder_layer(name: str) -> bool:
@@ -42,11 +58,13 @@ def decoder_layer(name: str) -> bool:
 
 def run_language_cell(method: str, sparsity: float, seed: int, task: TextTask, model_name: str,
                       models: LanguageModels, prune_options: dict[str, Any]) -> tuple[CellOutcome, float]:
-    """Prune a copy of the dense model (nothing for 'dense') and return it with its held-out perplexity."""
+    """Prune a copy of the dense model (nothing for 'dense') and return it with its score: held-out perplexity for
+    causal LMs, the mean cosine similarity of sentence embeddings to the dense model's for encoders."""
     from ..api import prune
     from ..calibration import calibration_samples
-    from ..evaluate import perplexity
+    from ..evaluate import embedding_agreement, perplexity
     from ..methods import get_method
+    from .tasks import ENCODER_MODELS, held_out_sentences
 
     model, tokenizer = models.get(model_name)
     if kind_of(method) != "dense":
@@ -56,8 +74,13 @@ def run_language_cell(method: str, sparsity: float, seed: int, task: TextTask, m
             prune(model, method, sparsity, data=samples, apply="bake", seed=seed, progress=False, **prune_options)
         else:
             prune(model, method, sparsity, include=DECODER_LINEARS, apply="bake", seed=seed, **prune_options)
-    value = perplexity(model, tokenizer, task.eval_text, window=task.window, max_tokens=task.eval_tokens,
-                       progress=False)
+    if model_name in ENCODER_MODELS:
+        dense, _ = models.dense(model_name)
+        value = embedding_agreement(dense, model, tokenizer, held_out_sentences(task.eval_text),
+                                    max_length=task.seq_len)
+    else:
+        value = perplexity(model, tokenizer, task.eval_text, window=task.window, max_tokens=task.eval_tokens,
+                           progress=False)
     return CellOutcome(model, steps=0), value
 
 

@@ -65,7 +65,7 @@ def html_report(config: BenchConfig, records: Sequence[dict[str, Any]], accuracy
     ]
     if config.notes:
         parts.append("<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in config.notes) + "</ul>")
-    title = "Perplexity" if config.metric == "perplexity" else "Accuracy"
+    title = {"perplexity": "Perplexity", "embedding_cosine": "Embedding agreement"}.get(config.metric, "Accuracy")
     parts.append(f"<h2>{title} against sparsity</h2>" + _image(accuracy_png, f"{title.lower()} against sparsity"))
     for spec in config.models:
         parts.append(f"<h3>{html.escape(spec.label)}</h3><p>{html.escape(dense_line(config, records, spec.label))}</p>")

@@ -266,7 +266,9 @@ def run_cell(cell: Cell, config: BenchConfig, task: ImageTask | TextTask, cache:
         acc = accuracy(outcome.model, task.x_test, task.y_test)
     return {
         "key": cell.key, "model": cell.model.label, "method": cell.method, "kind": kind_of(cell.method),
-        "sparsity": cell.sparsity, "seed": cell.seed, "accuracy": acc, "perplexity": ppl,
+        "sparsity": cell.sparsity, "seed": cell.seed, "accuracy": acc,
+        "perplexity": ppl if config.metric == "perplexity" else None,
+        "embedding_cosine": ppl if config.metric == "embedding_cosine" else None,
         "pruned_accuracy": outcome.pruned_accuracy,
         "measured_sparsity": 1.0 - kept / total if total else 0.0, "kept_weights": kept, "dense_weights": total,
         "layers": [[name, value] for name, value in layers.items()],  # a list: JSON key sorting keeps no order
@@ -317,6 +319,8 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
             append_result(run_dir, record)
             with tqdm.external_write_mode(file=sys.stderr):  # a log line above the bar, not through it
                 metric = (f"perplexity {record['perplexity']:.3f}" if record["perplexity"] is not None
+                          else f"embedding cosine {record['embedding_cosine']:.4f}"
+                          if record.get("embedding_cosine") is not None
                           else f"accuracy {100 * record['accuracy']:.2f}%")
                 log(f"{cell.key}: {metric} at measured sparsity {100 * record['measured_sparsity']:.1f}% "
                     f"({record['seconds']:.1f} s)")

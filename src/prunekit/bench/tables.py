@@ -53,6 +53,8 @@ def metric_format(metric: str) -> tuple[float, int, bool]:
     """(scale, digits, higher is better) of a metric: shares in percent, perplexity as it is."""
     if metric == "perplexity":
         return 1.0, 3, False
+    if metric == "embedding_cosine":
+        return 1.0, 4, True
     return 100.0, 2, True
 
 
@@ -60,6 +62,8 @@ def metric_title(config: BenchConfig) -> str:
     """The compared metric in words."""
     if config.metric == "perplexity":
         return "held-out perplexity (lower is better)"
+    if config.metric == "embedding_cosine":
+        return "cosine similarity of sentence embeddings to the dense model's (higher is better)"
     return "test accuracy (%)"
 
 
@@ -105,6 +109,9 @@ def dense_line(config: BenchConfig, records: Sequence[dict[str, Any]], model: st
     if config.metric == "perplexity":
         return ("dense reference: not run" if dense is None else
                 f"dense reference: perplexity {dense.text(1.0, 3)} (n={dense.n})")
+    if config.metric == "embedding_cosine":
+        return ("dense reference: not run" if dense is None else
+                f"dense reference: cosine {dense.text(1.0, 4)} to itself (n={dense.n})")
     budget = config.training["epochs"] + config.training["finetune_epochs"]
     if dense is None:
         return f"dense reference: not run ({budget} epochs)"
@@ -114,9 +121,10 @@ def dense_line(config: BenchConfig, records: Sequence[dict[str, Any]], model: st
 def budget_sentence(config: BenchConfig) -> str:
     """What every cell got, in one sentence."""
     training = config.training
-    if config.metric == "perplexity":
-        return ("Post-training pruning of the decoder's Linear layers, no fine-tuning; every method of a seed gets the "
-                "same calibration samples and the same held-out tokens. Columns are target sparsities.")
+    if config.metric in ("perplexity", "embedding_cosine"):
+        return ("Post-training pruning of the Linear layers inside the transformer blocks, no fine-tuning; every "
+                "method of a seed gets the same calibration samples and the same held-out text. Columns are target "
+                "sparsities.")
     return (f"Every cell: {training['epochs']} epochs at lr {training['lr']:g} then {training['finetune_epochs']} "
             f"at {training['finetune_lr']:g} ({training['optimizer']}, batch {training['batch_size']}); the same "
             "data order for every method. Columns are target sparsities of the Linear/Conv weights "

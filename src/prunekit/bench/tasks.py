@@ -221,8 +221,27 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, tuple[int, int]]]] =
     "resnet-small": (_resnet, {"width": (16, 1)}),
     "vit-tiny": (_vit, {"dim": (64, 4)}),
 }
-# Causal language models of the zoo (post-training pruning on text data sets; loaded once per run)
-LANGUAGE_MODELS = ("smollm2-135m",)
+# Transformers models of the zoo for post-training pruning on text data sets (loaded once per run): causal LMs are
+# scored by held-out perplexity, encoders by how close their sentence embeddings stay to the dense model's.
+CAUSAL_LANGUAGE_MODELS = ("smollm2-135m",)
+ENCODER_MODELS = ("minilm",)
+LANGUAGE_MODELS = CAUSAL_LANGUAGE_MODELS + ENCODER_MODELS
+
+
+def text_metric(model_names: list[str], key: str = "models") -> str:
+    """'perplexity' for causal LMs, 'embedding_cosine' for encoders; one grid compares one metric."""
+    kinds = {"embedding_cosine" if name in ENCODER_MODELS else "perplexity" for name in model_names}
+    if len(kinds) > 1:
+        raise ArgumentError(key, model_names, "causal language models (" + ", ".join(CAUSAL_LANGUAGE_MODELS)
+                            + ") or encoders (" + ", ".join(ENCODER_MODELS) + "), not both in one grid: "
+                            "they are scored by different metrics")
+    return kinds.pop() if kinds else "perplexity"
+
+
+def held_out_sentences(text: str, limit: int = 64, min_chars: int = 40) -> list[str]:
+    """The first `limit` lines of held-out text long enough to be sentences (what encoders are scored on)."""
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) >= min_chars]
+    return lines[:limit]
 
 
 def models_for(dataset: str) -> tuple[str, ...]:
