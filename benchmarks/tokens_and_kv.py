@@ -9,7 +9,8 @@ all-MiniLM-L6-v2 on pydoc topic sentences (bucketed by length), unpatched vs ToM
 of repeats; agreement = cosine similarity of mean-pooled sentence embeddings with the unpatched model's.
 KV: SmolLM2-135M, protocol text (the last 200,000 characters of kjv.txt), its first window of --kv-tokens tokens
 fed one token at a time through the cache (teacher forcing), perplexity = exp(mean NLL of the scored tokens); the
-dense reference is the plain full-window forward; cache bytes after the window; a greedy continuation of one prompt.
+dense reference is the plain full-window forward; 70% also with the most recent 32 and 128 (the paper code's
+default) tokens dense; cache bytes after the window; a greedy continuation of one prompt.
 Results are stored per measurement in benchmarks/results/tokens_and_kv.json, so an interrupted run resumes; --force
 measures again.
 """
@@ -44,7 +45,8 @@ VIT_RUNS = [("unpatched", None, None), ("tome", "r", 8), ("tome", "r", 13), ("ze
             ("zero-tprune", "r", 13)]
 MINILM_RUNS = [("unpatched", None, None), ("tome", "keep", 0.9), ("tome", "keep", 0.8), ("tome", "keep", 0.7),
                ("zero-tprune", "keep", 0.9), ("zero-tprune", "keep", 0.8), ("zero-tprune", "keep", 0.7)]
-KV_RUNS = [("dense", 0.0, 0), ("mustafar", 0.5, 0), ("mustafar", 0.7, 0)]
+KV_RUNS = [("dense", 0.0, 0), ("mustafar", 0.5, 0), ("mustafar", 0.7, 0), ("mustafar", 0.7, 32),
+           ("mustafar", 0.7, 128)]
 
 
 # --------------------------------------------------------------------------------------------------- storage
