@@ -149,6 +149,7 @@ def tables_markdown(config: BenchConfig, records: Sequence[dict[str, Any]], head
             rows = [row[:-1] for row in rows if row[0].strip("`") in before]
             out += ["", "Right after pruning, before fine-tuning:", "", markdown_table(headers[:-1], rows)]
         measured = result_rows(config, records, model, metric="measured_sparsity")
-        out += ["", "Measured sparsity of the weights (%), after training:", "",
+        when = "after pruning" if config.metric in ("perplexity", "embedding_cosine") else "after training"
+        out += ["", f"Measured sparsity of the weights (%), {when}:", "",
                 markdown_table(measured[0][:-1], [[c.replace("**", "") for c in row[:-1]] for row in measured[1]])]
     return "\n".join(out) + "\n"
