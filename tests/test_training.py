@@ -16,41 +16,12 @@ from prunekit.training import (FitResult, GradualPruning, LotteryTicket, PruneAt
                                average_same_mask, clone_with_masks, cubic_sparsity, fit, imp_density,
                                prune_keeping_masks, sparse_soup_round)
 
-N_TRAIN, BATCH = 1024, 32  # 32 steps an epoch of real digits; an epoch takes ~20 ms on one thread
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine thread hand-offs cost 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from digits_training import BATCH, N_TRAIN, _one_thread, batches_of, digits_split, mlp  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from prunekit.datasets import load_digits_tensors
-
-    x, y = load_digits_tensors()
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order[:N_TRAIN]], y[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 256]], y[order[N_TRAIN:N_TRAIN + 256]]
-
-
-def batches_of(digits, seed: int = 0):
-    """A function epoch -> shuffled (inputs, labels) batches, a new order each epoch."""
-    x, y = digits[0], digits[1]
-
-    def make(epoch: int):
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100 + epoch))
-        return [(x[i], y[i]) for i in order.split(BATCH)]
-
-    return make
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    return digits_split(256)
 
 
 def sgd(model: nn.Module) -> torch.optim.Optimizer:

@@ -21,41 +21,12 @@ from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage,
 from prunekit.training.common import lowest
 from prunekit.training.mask_sparsity import penalty_gradient
 
-N_TRAIN, BATCH = 1024, 32  # 32 steps an epoch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the models are tiny, and thread hand-offs on a busy 2-core machine cost more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+from digits_training import BATCH, N_TRAIN, _one_thread, batches_of, digits_split, mlp  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def digits():
-    from prunekit.datasets import load_digits_tensors
-
-    x, y = load_digits_tensors()
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[order[:N_TRAIN]], y[order[:N_TRAIN]], x[order[N_TRAIN:N_TRAIN + 400]], y[order[N_TRAIN:N_TRAIN + 400]]
-
-
-def batches_of(digits, seed: int = 0):
-    """A function epoch -> shuffled (inputs, labels) batches, a new order each epoch."""
-    x, y = digits[0], digits[1]
-
-    def make(epoch: int):
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100 + epoch))
-        return [(x[i], y[i]) for i in order.split(BATCH)]
-
-    return make
-
-
-def mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 10))
+    return digits_split(400)
 
 
 def cnn(seed: int = 0) -> nn.Module:
