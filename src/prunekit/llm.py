@@ -16,6 +16,7 @@ from torch import nn
 
 from . import masks as mask_engine
 from .activations import InputStats
+from .distributed import all_reduce_stats, check_same_version, is_distributed, rank_and_world, shard
 from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
 from .layout import from_matrix, input_channels, to_matrix
 from .patterns import NM, Unstructured, parse_pattern
@@ -259,6 +260,7 @@ def owl_ratios(model, samples, targets: list[list[Target]], settings: LLMSetting
     def measure(index, name, block, feed):
         layers = {t.name: t.module for t in targets[index]}
         stats = gather_stats(feed, layers, hessian=False)
+        all_reduce_stats(stats)
         scores = [wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
                   for t in targets[index]]
         ratios.append(outlier_ratio(torch.cat(scores), settings.owl_m))
@@ -305,6 +307,13 @@ def prune_causal_lm(
                 raise ModelError(f"layer {t.name!r} has {t.weight.dtype} weights; prune the float model")
     samples = _check_samples(model, samples)
     check_memory(model, samples, targets, settings.solver)
+    all_samples = samples
+    if is_distributed():
+        if checkpoint_dir is not None:
+            raise ArgumentError("checkpoint_dir", str(checkpoint_dir), "None under torch.distributed (each rank holds "
+                                "different activations; resume is for single-process runs)")
+        check_same_version()
+        samples = shard(samples, *rank_and_world())
 
     sparsities = settings.sparsities
     ratios = None
@@ -317,6 +326,7 @@ def prune_causal_lm(
         if not block_targets:
             return
         stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
+        all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
         for t in block_targets:
             prune_linear(t, stats[t.name], settings, sparsities[index])
         for t in block_targets:
@@ -331,8 +341,9 @@ def prune_causal_lm(
     if apply == "mask":  # masks are rebuilt from the zeros, so runs resumed from a checkpoint get them too
         for t in flat:
             mask_engine.attach(t.module, t.weight.detach() != 0, t.param_name)
-    extra: dict[str, Any] = {"block_sparsities": sparsities, "calibration_samples": len(samples),
-                             "calibration_tokens": sum(int(s.numel()) for s in samples)}
+    extra: dict[str, Any] = {"block_sparsities": sparsities, "calibration_samples": len(all_samples),
+                             "calibration_tokens": sum(int(s.numel()) for s in all_samples),
+                             "world_size": rank_and_world()[1]}
     if ratios is not None:
         extra["owl_outlier_ratios"] = ratios
     skipped = [(n, r) for n, r in select(model, types=("linear",), include=include, ignore=ignore).skipped]
