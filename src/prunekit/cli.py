@@ -239,6 +239,10 @@ def _prune_language_model(args: argparse.Namespace) -> int:
         progress=not args.quiet, log=log, **options,
     )
     report = summary.pop("report")
+    from .distributed import is_writer
+
+    if not is_writer():  # under torchrun, rank 0 reports and writes
+        return EXIT_OK
     if args.json:
         print(json.dumps({**summary, "report": report.to_dict()}, indent=2, default=str))
         return EXIT_OK

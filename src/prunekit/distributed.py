@@ -34,6 +34,20 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def init_from_environment() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL when CUDA is available,
+    else gloo. Returns whether a multi-rank group is running; a no-op without torchrun or when already joined."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return is_distributed()
+
+
 def is_writer() -> bool:
     """True on the one rank that writes outputs (rank 0), and always without a process group."""
     return rank_and_world()[0] == 0

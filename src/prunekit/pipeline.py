@@ -69,6 +69,7 @@ def prune_language_model(
     from .evaluate import perplexity
     from .export import check_destination, save_pretrained
     from .hf import check_sequence_length
+    from .distributed import init_from_environment, is_writer
     from .zoo import load_causal_lm
 
     recipe = get_method(method)
@@ -79,6 +80,7 @@ def prune_language_model(
             raise ArgumentError(name, value, "a positive integer")
     if out is not None:
         check_destination(Path(out), overwrite)
+    init_from_environment()  # under torchrun: join the group; the samples are then shared across the ranks
     calib_text = load_text(calib)
     eval_text = load_text(ppl) if ppl is not None else None
     if eval_text is None or (ppl == calib):
@@ -94,8 +96,10 @@ def prune_language_model(
 
     log = log or (lambda message: None)
 
+    writer = is_writer()  # under torchrun only rank 0 evaluates and writes; every rank calibrates and prunes
+
     def measure() -> float | None:
-        if not evaluate:
+        if not evaluate or not writer:
             return None
         return perplexity(lm, tokenizer, eval_text, window=min(window, seq_len * 4, eval_tokens), max_tokens=eval_tokens,
                           progress=progress)
@@ -120,7 +124,7 @@ def prune_language_model(
         "seq_len": seq_len, "seed": seed,
     }
     report.extra.update({k: v for k, v in summary.items() if k not in ("model", "method", "pattern", "sparsity")})
-    if out is not None:
+    if out is not None and writer:
         save_pretrained(lm, out, tokenizer=tokenizer, report=report, extra={"job": summary}, overwrite=overwrite)
         summary["out"] = os.fspath(out)
     summary["report"] = report
