@@ -18,7 +18,9 @@ class InputStats:
         self.tokens = 0
         self.sum = torch.zeros(features, dtype=torch.float64)
         self.sum_sq = torch.zeros(features, dtype=torch.float64)
-        self.xtx = torch.zeros(features, features, dtype=torch.float32) if hessian else None
+        # float64: sums of per-sample products then agree to the last float32 bit whatever order they are added in,
+        # so a run split across ranks (torch.distributed) reaches the same SparseGPT masks as one process
+        self.xtx = torch.zeros(features, features, dtype=torch.float64) if hessian else None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -28,7 +30,7 @@ class InputStats:
         self.sum += x.sum(0, dtype=torch.float64)
         self.sum_sq += (x * x).sum(0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            self.xtx += (x.t() @ x).double()  # the product in float32 (fast), the running sum in float64
 
     @property
     def column_norm_sq(self) -> torch.Tensor:
