@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "src"))
 from prunekit import data as D  # noqa: E402
 from prunekit.data.train import SmallCNN, accuracy, penultimate, predict, train_steps  # noqa: E402
 from prunekit.datasets import load_fashion_mnist  # noqa: E402
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = REPO / "benchmarks" / "results" / "data_pruning.jsonl"
 QUICK_RESULTS = REPO / "benchmarks" / "results" / "data_pruning.quick.jsonl"
@@ -228,16 +229,7 @@ def render(records: list[dict[str, Any]], settings: dict[str, Any], scoring: dic
 def write_marked_section(path: Path, name: str, section: str) -> None:
     """Replace the text between `<!-- name: start -->` and `<!-- name: end -->` (append both if absent), atomically."""
     start, end = f"<!-- {name}: start -->", f"<!-- {name}: end -->"
-    text = path.read_text() if path.is_file() else "# prunekit benchmarks\n"
-    block = f"{start}\n{section.rstrip()}\n{end}"
-    if start in text and end in text:
-        before, rest = text.split(start, 1)
-        new = before + block + rest.split(end, 1)[1]
-    else:
-        new = text.rstrip("\n") + "\n\n" + block + "\n"
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(new)
-    os.replace(temp, path)
+    replace_marked_block(path, start, end, f"{start}\n{section.rstrip()}\n{end}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -49,16 +50,7 @@ def compare(one: Path, two: Path) -> tuple[int, int, float]:
 
 
 def write_section(text: str) -> None:
-    current = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# prunekit benchmarks\n"
-    block = f"{MARK_START}\n{text.rstrip()}\n{MARK_END}\n"
-    if MARK_START in current and MARK_END in current:
-        head, rest = current.split(MARK_START, 1)
-        current = head + block + rest.split(MARK_END, 1)[1].lstrip("\n")
-    else:
-        current = current.rstrip("\n") + "\n\n" + block
-    temp = BENCHMARKS_MD.with_name(f".{BENCHMARKS_MD.name}.{os.getpid()}.tmp")
-    temp.write_text(current)
-    os.replace(temp, BENCHMARKS_MD)
+    replace_marked_block(BENCHMARKS_MD, MARK_START, MARK_END, f"{MARK_START}\n{text.rstrip()}\n{MARK_END}")
 
 
 def main() -> int:

@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "merge-bench"
@@ -364,18 +365,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_section(text: str, path: Path) -> None:
-    """Replace the marked section (or append it), atomically."""
-    current = path.read_text(encoding="utf-8") if path.exists() else "# prunekit benchmarks\n"
-    start, end = f"<!-- {MARK}: start -->", f"<!-- {MARK}: end -->"
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        updated = head + text + ("\n" + tail if tail else "")
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(updated, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace the marked section (or append it), atomically; `text` carries its own markers."""
+    replace_marked_block(path, f"<!-- {MARK}: start -->", f"<!-- {MARK}: end -->", text)
 
 
 def main() -> int:

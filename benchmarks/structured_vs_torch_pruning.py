@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -1293,18 +1294,7 @@ def render_targets(records: dict[str, dict[str, Any]]) -> list[str]:
 
 def write_section(path: Path, section: str) -> None:
     """Replace the text between this benchmark's markers (or add it at the end), leaving the rest of the file."""
-    text = path.read_text() if path.is_file() else f"{TOP_HEADING}\n"
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        new = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-        if not new.endswith("\n"):
-            new += "\n"
-    else:
-        new = text.rstrip("\n") + "\n\n" + block
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(new)
-    os.replace(temp, path)
+    replace_marked_block(path, MARK_START, MARK_END, f"{MARK_START}\n{section.rstrip()}\n{MARK_END}", f"{TOP_HEADING}\n")
 
 
 def report_destination(args: argparse.Namespace) -> Path | None:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from prunekit import kv, tokens  # noqa: E402
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = REPO / "benchmarks" / "results" / "tokens_and_kv.json"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -332,17 +333,8 @@ def section(results: dict[str, Any], threads: int) -> str:
 
 
 def write_section(text: str) -> None:
-    """Replace the marked section of BENCHMARKS.md (or append it) atomically."""
-    current = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.is_file() else "# Benchmarks\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        new = head + text + ("\n" + tail if tail else "")
-    else:
-        new = current.rstrip("\n") + "\n\n" + text
-    temp = BENCHMARKS_MD.with_name(f".{BENCHMARKS_MD.name}.{os.getpid()}.tmp")
-    temp.write_text(new)
-    os.replace(temp, BENCHMARKS_MD)
+    """Replace the marked section of BENCHMARKS.md (or append it) atomically; `text` carries its own markers."""
+    replace_marked_block(BENCHMARKS_MD, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from prunekit.examples import DigitsCNN, accuracy, load_digits_data
 from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage, MaskSparsity, PruneAtInit, fit,
                                precrop)
+from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 MARKER = "training-methods"
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,16 +130,7 @@ def section(rows: dict[str, list[dict[str, float]]], settings: dict[str, Any]) -
 def write_marked_section(path: Path, text: str) -> None:
     """Replace the text between the section's markers (append them if absent), atomically."""
     start, end = f"<!-- {MARKER}: start -->", f"<!-- {MARKER}: end -->"
-    current = path.read_text() if path.is_file() else "# prunekit benchmarks\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in current and end in current:
-        before, rest = current.split(start, 1)
-        new = before + block + rest.split(end, 1)[1]
-    else:
-        new = current.rstrip("\n") + "\n\n" + block + "\n"
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(new)
-    os.replace(temp, path)
+    replace_marked_block(path, start, end, f"{start}\n{text.rstrip()}\n{end}")
 
 
 def main(argv: list[str] | None = None) -> int:
