@@ -16,6 +16,7 @@ from prunekit.training import (FitResult, GradualPruning, LotteryTicket, PruneAt
                                average_same_mask, clone_with_masks, cubic_sparsity, fit, imp_density,
                                prune_keeping_masks, sparse_soup_round)
 
+from prunekit.examples import accuracy  # noqa: E402
 from digits_training import BATCH, N_TRAIN, _one_thread, batches_of, digits_split, mlp  # noqa: E402,F401
 
 
@@ -39,12 +40,6 @@ def linears(model: nn.Module) -> list[nn.Module]:
 def assert_masked_zero(model: nn.Module) -> None:
     for name, module, param, mask in masks.masked_modules(model):
         assert torch.equal(getattr(module, param).detach()[~mask], torch.zeros(int((~mask).sum()))), name
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 class Probe(PruningCallback):

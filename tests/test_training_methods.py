@@ -21,6 +21,7 @@ from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage,
 from prunekit.training.common import lowest
 from prunekit.training.mask_sparsity import penalty_gradient
 
+from prunekit.examples import accuracy  # noqa: E402
 from digits_training import BATCH, N_TRAIN, _one_thread, batches_of, digits_split, mlp  # noqa: E402,F401
 
 
@@ -40,12 +41,6 @@ def layers(model: nn.Module) -> list[nn.Module]:
 
 def adam(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=3e-3)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 class Probe(PruningCallback):
