@@ -251,6 +251,20 @@ def prune_linear(target: Target, stats: InputStats, settings: LLMSettings, spars
     return from_matrix(keep, target.kind, weight.shape)
 
 
+def prune_block(feed, block_targets: list[Target], settings: LLMSettings, sparsity: float) -> None:
+    """Gather one block's input statistics over the calibration samples (all ranks' under torch.distributed) and
+    prune its selected linear layers in place."""
+    if not block_targets:
+        return
+    stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
+    all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
+    for t in block_targets:
+        prune_linear(t, stats[t.name], settings, sparsity)
+    for t in block_targets:
+        if not torch.isfinite(t.weight).all():
+            raise PruneError(f"pruning produced non-finite weights in {t.name!r}; raise dampening")
+
+
 def owl_ratios(model, samples, targets: list[list[Target]], settings: LLMSettings, progress: bool) -> list[float]:
     """Outlier ratio of every block's Wanda scores, on the dense model (a first, statistics-only pass)."""
     from .calibration import run_blocks
@@ -322,16 +336,7 @@ def prune_causal_lm(
         sparsities = owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
 
     def process(index, name, block, feed):
-        block_targets = targets[index]
-        if not block_targets:
-            return
-        stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
-        all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
-        for t in block_targets:
-            prune_linear(t, stats[t.name], settings, sparsities[index])
-        for t in block_targets:
-            if not torch.isfinite(t.weight).all():
-                raise PruneError(f"pruning produced non-finite weights in {t.name!r}; raise dampening")
+        prune_block(feed, targets[index], settings, sparsities[index])
 
     fingerprint = dict(solver=settings.solver, pattern=settings.pattern.name, sparsities=sparsities,
                        blocksize=settings.blocksize, dampening=settings.dampening, include=include, ignore=ignore)
