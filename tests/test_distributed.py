@@ -100,3 +100,151 @@ def test_torchrun_cli_writes_the_one_process_model_once(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name] != 0, b[name] != 0), name
+
+
+# --- SparseGPT's owner-rank solve, and failures across ranks --------------------------------------------------------
+
+
+def _solve_and_record_layers(rank: int) -> dict:
+    """Prune with SparseGPT, recording the layers this rank's solver ran on."""
+    import prunekit.llm
+
+    solved: list[str] = []
+    prune_linear = prunekit.llm.prune_linear
+
+    def counting(target, *args):
+        solved.append(target.name)
+        return prune_linear(target, *args)
+
+    prunekit.llm.prune_linear = counting
+    weights = _prune("sparsegpt")
+    return {"solved": solved, "layers": sorted(name.removesuffix(".weight") for name in weights)}
+
+
+def _prune_with_another_version(rank: int) -> dict:
+    import prunekit
+
+    if rank == 1:
+        prunekit.__version__ = "0.0.0+other"
+    _prune("wanda")
+    return {"finished": True}
+
+
+def _fail_in_block_1(how: str):
+    def hook(_module, _args):
+        if how == "exit":
+            os._exit(1)  # a crash: no exception handling, the process and its sockets are gone
+        raise RuntimeError("rank 1 failed on purpose")
+    return hook
+
+
+def _prune_while_rank_1_fails(rank: int, how: str) -> dict:
+    import prunekit
+
+    torch.set_num_threads(1)
+    model = _tiny_llama()
+    if rank == 1:
+        model.model.layers[1].register_forward_pre_hook(_fail_in_block_1(how))
+    prunekit.prune(model, "sparsegpt", 0.5, data=_samples(), apply="bake", progress=False)
+    return {"finished": True}
+
+
+SCENARIOS = {"solve": _solve_and_record_layers, "version": _prune_with_another_version,
+             "raise": lambda rank: _prune_while_rank_1_fails(rank, "raise"),
+             "exit": lambda rank: _prune_while_rank_1_fails(rank, "exit")}
+
+
+def _scenario_rank(rank: int, world: int, init_file: str, scenario: str, out: str) -> None:
+    """One rank of a scenario: its result, or its error as "Type: message", goes to out.rank<r>."""
+    import json
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=20))  # a silent peer is given up on within the test's time
+    try:
+        result = SCENARIOS[scenario](rank)
+    except Exception as error:  # noqa: BLE001 - the test checks which error each rank saw
+        result = {"error": f"{type(error).__name__}: {error}"}
+    with open(f"{out}.rank{rank}", "w") as file:
+        json.dump(result, file)
+    dist.destroy_process_group()
+
+
+def _run_scenario(tmp_path, scenario: str) -> tuple[list[int], list[dict | None]]:
+    """Run a scenario on 2 processes; (exit codes, per-rank results, None for a rank that wrote none). Unlike
+    mp.spawn, a failing rank does not get the other one killed, so the survivor's own error can be checked."""
+    import json
+
+    context = mp.get_context("spawn")
+    out = str(tmp_path / "result")
+    processes = [context.Process(target=_scenario_rank, args=(rank, 2, str(tmp_path / "init"), scenario, out))
+                 for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=180)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            pytest.fail(f"a rank of {scenario!r} still runs after 180 s: a collective hangs")
+    results = [json.loads(open(f"{out}.rank{rank}").read()) if os.path.exists(f"{out}.rank{rank}") else None
+               for rank in range(2)]
+    return [process.exitcode for process in processes], results
+
+
+def test_sparsegpt_layers_are_each_solved_by_one_rank(tmp_path):
+    codes, (zero, one) = _run_scenario(tmp_path, "solve")
+    assert codes == [0, 0]
+    assert zero["solved"] and one["solved"]  # both ranks take a share of the solves
+    assert not set(zero["solved"]) & set(one["solved"])  # no layer is solved twice
+    assert sorted(zero["solved"] + one["solved"]) == zero["layers"]  # and none is left out
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_rank_failing_mid_run_stops_the_other_with_a_clear_error(tmp_path, how):
+    codes, (zero, one) = _run_scenario(tmp_path, how)
+    assert zero["error"].startswith("ModelError: distributed calibration stopped: another rank failed"), zero
+    if how == "raise":
+        assert one == {"error": "RuntimeError: rank 1 failed on purpose"}
+    else:
+        assert codes[1] == 1 and one is None
+
+
+def test_ranks_with_different_prunekit_versions_refuse_to_run(tmp_path):
+    import prunekit
+
+    _, results = _run_scenario(tmp_path, "version")
+    for result in results:  # both ranks refuse, naming each rank's version
+        assert result["error"] == ("PruneError: the ranks run different prunekit versions (rank 0: "
+                                   f"{prunekit.__version__}, rank 1: 0.0.0+other); install one version everywhere")
+
+
+def test_sparsegpt_owners_balance_the_solves():
+    from prunekit.distributed import assign_owners, shared_input_groups, solve_cost
+    from prunekit.activations import InputStats
+
+    hidden, shared_mlp = InputStats(4), InputStats(4)
+    stats = {"q": hidden, "k": hidden, "v": hidden, "o": InputStats(4), "gate": shared_mlp, "up": shared_mlp,
+             "down": InputStats(8)}
+    assert shared_input_groups(list(stats), stats) == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
+    assert assign_owners([1.0, 5.0, 3.0, 3.0], 2) == [0, 0, 1, 1]  # costliest first, each to the least loaded
+    assert assign_owners([2.0, 2.0], 3) == [0, 1]  # more ranks than groups: the last ranks idle
+    assert assign_owners([], 2) == []
+    assert solve_cost(576, 1536) == 576**2 * (576 + 1536)
+
+
+def test_the_collective_timeout_comes_from_the_environment():
+    from datetime import timedelta
+
+    from prunekit.distributed import backend_for, timeout_from_environment
+    from prunekit.errors import ArgumentError
+
+    assert timeout_from_environment({}) == timedelta(minutes=30)
+    assert timeout_from_environment({"PRUNEKIT_DIST_TIMEOUT": "90"}) == timedelta(seconds=90)
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        with pytest.raises(ArgumentError, match="PRUNEKIT_DIST_TIMEOUT"):
+            timeout_from_environment({"PRUNEKIT_DIST_TIMEOUT": bad})
+    assert backend_for(False) == "gloo"
+    assert backend_for(True) == "cpu:gloo,cuda:nccl"  # the statistics stay on the CPU even with GPUs

@@ -241,6 +241,7 @@ class CapturedInputs:
 
     hidden: list[torch.Tensor]
     calls: list[list[BlockCall]]  # calls[sample][block]
+    template: Any = None  # what block 0 returned for the first sample: the structure stand-in blocks must return
 
 
 def _first_block_call(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, BlockCall]:
@@ -283,7 +284,7 @@ def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], bloc
     hidden, call = _first_block_call(model, blocks, samples[0])
     template = blocks[0](hidden, *call.args, **call.kwargs)
     last = len(blocks) - 1
-    result = CapturedInputs(hidden=[], calls=[])
+    result = CapturedInputs(hidden=[], calls=[], template=template)
     record: dict[int, Any] = {}
 
     def make_hook(index: int) -> Callable[..., None]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import masks as mask_engine
 from .activations import InputStats
-from .distributed import all_reduce_stats, check_same_version, is_distributed, rank_and_world, shard
+from .distributed import all_reduce_stats, check_same_version, is_distributed, prune_on_owners, rank_and_world, shard
 from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
 from .layout import from_matrix, input_channels, to_matrix
 from .patterns import NM, Unstructured, parse_pattern
@@ -257,9 +257,16 @@ def prune_block(feed, block_targets: list[Target], settings: LLMSettings, sparsi
     if not block_targets:
         return
     stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
-    all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
-    for t in block_targets:
-        prune_linear(t, stats[t.name], settings, sparsity)
+
+    def prune(target: Target) -> None:
+        prune_linear(target, stats[target.name], settings, sparsity)
+
+    if settings.solver == "sparsegpt" and is_distributed():
+        prune_on_owners(block_targets, stats, prune)  # each layer solved once, by one rank, then broadcast
+    else:
+        all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
+        for t in block_targets:
+            prune(t)
     for t in block_targets:
         if not torch.isfinite(t.weight).all():
             raise PruneError(f"pruning produced non-finite weights in {t.name!r}; raise dampening")

@@ -1,0 +1,582 @@
+"""Out-of-core LLM pruning: the model is never whole in memory.
+
+The model is built as an empty skeleton from its config.json (parameters on the meta device; buffers such as rotary
+frequencies computed for real). Weights are read from the folder's safetensors files, memory-mapped, one decoder
+block at a time. Each block is pruned by the same code as an in-memory run (`llm.prune_block`), run on the
+calibration samples to feed the next block, written to its own shard of the output folder and dropped again. The
+embedding (and whatever else sits outside the blocks) is loaded only while the blocks' inputs are captured and while
+the final perplexity is computed. Peak memory is therefore about one block, the calibration hidden states and their
+statistics, plus the embedding: not the model.
+
+Perplexity before and after is measured in the same single pass: the evaluation windows travel through every block
+twice (the dense block, then the pruned one), and the output head runs on both at the end.
+
+Resumable: the output is built in a staging folder beside `out` (`.<name>.partial`) that doubles as the checkpoint.
+After each block it holds that block's shard, the hidden states entering the next block and progress.json; rerunning
+the same job skips the finished blocks. Only the last step renames it to `out`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ArgumentError, ModelError, PruneError
+from .report import LayerSparsity, Report, layer_sparsity
+
+# method name -> (solver, allocation): the calibration methods of prunekit.llm
+STREAMED_METHODS = {"wanda": ("wanda", "uniform"), "sparsegpt": ("sparsegpt", "uniform"),
+                    "owl": ("wanda", "owl"), "owl-sparsegpt": ("sparsegpt", "owl")}
+PROGRESS_FILE = "progress.json"
+STATE_FILE = "hidden.safetensors"
+PROGRESS_VERSION = 1
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading: memory-mapped safetensors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class SafetensorsWeights:
+    """The tensors of a model folder's safetensors files, memory-mapped and read one at a time (never pickle)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        files = self._weight_files(self.folder)
+        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
+        self._where: dict[str, str] = {}
+        for name, handle in self._handles.items():
+            for key in handle.keys():
+                self._where[key] = name
+
+    @staticmethod
+    def _weight_files(folder: Path) -> list[str]:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ModelError(f"{index} is not a safetensors index ({error})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [name for name in files if not (folder / name).is_file()]
+            if missing:
+                raise ModelError(f"{folder}: the index names shards that are not there: {', '.join(missing)}")
+            return files
+        files = sorted(path.name for path in folder.glob("*.safetensors"))
+        if not files:
+            pickled = sorted(path.name for path in folder.glob("*.bin"))
+            hint = (f" (it has {', '.join(pickled)}: pickle files, which prunekit does not load; convert them to "
+                    "safetensors first)") if pickled else ""
+            raise ModelError(f"{folder} holds no .safetensors weights{hint}")
+        return files
+
+    def keys(self) -> list[str]:
+        """Every tensor name in the folder."""
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, read from the memory map into its own memory."""
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def fingerprint(self) -> str:
+        """Names, shapes and dtypes of every tensor, plus the file sizes: tells one checkpoint from another cheaply."""
+        import hashlib
+
+        hasher = hashlib.sha256()
+        for name, handle in sorted(self._handles.items()):
+            hasher.update(f"{name}:{(self.folder / name).stat().st_size}".encode())
+            for key in sorted(handle.keys()):
+                piece = handle.get_slice(key)
+                hasher.update(f"{key}:{piece.get_dtype()}:{piece.get_shape()}".encode())
+        return hasher.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The skeleton and moving weights in and out of it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def empty_causal_lm(folder: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of `folder`'s config.json with every parameter on the meta device (no memory, no code from the
+    folder); buffers are real, so computed ones (rotary frequencies) are right."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .hf import check_causal_lm
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot build a causal LM from {folder}/config.json: {error}") from error
+    check_causal_lm(model)
+    return model.eval()
+
+
+def _tied_sources(model: nn.Module) -> dict[str, str]:
+    """Parameters that share another's tensor in this config (the output head tied to the embedding)."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        return dict(tied)
+    config = getattr(model, "config", None)
+    declared = getattr(model, "_tied_weights_keys", None)
+    if getattr(config, "tie_word_embeddings", False) and isinstance(declared, dict):
+        return dict(declared)
+    return {}
+
+
+@dataclass
+class WeightMover:
+    """Loads named parts of a meta skeleton from memory-mapped weights, and drops them back to meta."""
+
+    model: nn.Module
+    weights: SafetensorsWeights
+    tied: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tied = _tied_sources(self.model)
+        self._dtype = next(self.model.parameters()).dtype
+
+    def source_key(self, name: str) -> str:
+        """The checkpoint's name for the model's tensor `name`."""
+        if name in self.weights:
+            return name
+        if name in self.tied and self.tied[name] in self.weights:
+            return self.tied[name]
+        prefix = getattr(self.model, "base_model_prefix", "")
+        for candidate in (name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
+            if prefix and candidate in self.weights:
+                return candidate
+        raise ModelError(f"{self.weights.folder}: the checkpoint has no tensor {name!r} (out-of-core pruning expects "
+                         "the checkpoint's tensor names to be the model's; load this model in memory instead)")
+
+    def names(self, keep: Callable[[str], bool]) -> list[str]:
+        """State-dict names chosen by `keep`; buffers the skeleton computed itself are left out."""
+        chosen = []
+        for name, value in self.model.state_dict(keep_vars=True).items():
+            if keep(name) and (value.is_meta or name in self.weights):
+                chosen.append(name)
+        return chosen
+
+    def load(self, names: Sequence[str]) -> None:
+        """Read `names` from the memory-mapped files into the model (in the model's dtype)."""
+        expected = self.model.state_dict(keep_vars=True)
+        state, read = {}, {}
+        for name in names:
+            key = self.source_key(name)
+            if key not in read:  # tied tensors (head and embedding) are read once and shared
+                read[key] = self.weights.read(key)
+            value = read[key]
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise ModelError(f"{self.weights.folder}: tensor {name!r} has shape {tuple(value.shape)}, the config "
+                                 f"says {tuple(expected[name].shape)}")
+            state[name] = value.to(expected[name].dtype) if value.is_floating_point() else value
+        self.model.load_state_dict(state, strict=False, assign=True)
+
+    def release(self, names: Sequence[str]) -> None:
+        """Drop the parameters `names` back to the meta device, freeing their memory."""
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            if attribute in module._parameters:
+                old = module._parameters[attribute]
+                module._parameters[attribute] = nn.Parameter(torch.empty_like(old, device="meta"), requires_grad=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing: one shard per block, staged and renamed into place
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def shard_name(number: int, total: int) -> str:
+    """transformers' shard file name, e.g. model-00003-of-00031.safetensors."""
+    return f"model-{number:05d}-of-{total:05d}.safetensors"
+
+
+def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors shard, via a temp file and a rename (a crash never leaves half a shard under its name)."""
+    from safetensors.torch import save_file
+
+    plain = {key: value.detach().contiguous() for key, value in tensors.items()}
+    temp = folder / f".{name}.tmp"
+    save_file(plain, str(temp), metadata={"format": "pt"})
+    os.replace(temp, folder / name)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(temp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Perplexity from hidden states
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _returning(template: Any, hidden: torch.Tensor) -> Callable[..., Any]:
+    """A stand-in block forward that returns `hidden` in the structure the real block returns."""
+    rest = tuple(template[1:]) if isinstance(template, (tuple, list)) else None
+    return lambda *args, **kwargs: hidden if rest is None else (hidden, *rest)
+
+
+@torch.no_grad()
+def head_nll(model: nn.Module, blocks: nn.ModuleList, template: Any, ids: torch.Tensor, final: torch.Tensor) -> float:
+    """Summed next-token NLL of one window whose last block produced `final`: the model's own forward runs with the
+    blocks stood in for, so the final norm and head are applied exactly as in a whole-model forward."""
+    from .calibration import _passthrough_like
+
+    for block in blocks:
+        block.forward = _passthrough_like(template)
+    blocks[len(blocks) - 1].forward = _returning(template, final)
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    finally:
+        for block in blocks:
+            del block.forward
+    return float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Stream:
+    """Hidden states travelling through the blocks: calibration samples and, optionally, evaluation windows."""
+
+    calibration: list[torch.Tensor]
+    calibration_calls: list  # [sample][block] BlockCall
+    dense_eval: list[torch.Tensor]
+    pruned_eval: list[torch.Tensor]
+    eval_calls: list
+
+
+def _propagate(block: nn.Module, hidden: list[torch.Tensor], calls: list, index: int, desc: str,
+               progress: bool) -> None:
+    from .calibration import _check_finite, call_block
+
+    for sample in tqdm(range(len(hidden)), desc=desc, disable=not progress, leave=False):
+        hidden[sample] = call_block(block, hidden[sample], calls[sample][index])
+    _check_finite(hidden, f"block {index}")
+
+
+def _check_method(method: str) -> tuple[str, str]:
+    if method not in STREAMED_METHODS:
+        raise ArgumentError("method", method, "one of " + ", ".join(STREAMED_METHODS) + " for out-of-core pruning "
+                            "(the calibration methods; others need the whole model in memory)")
+    return STREAMED_METHODS[method]
+
+
+def resolve_folder(name_or_path: str | os.PathLike) -> Path:
+    """A local folder for a model name, folder or hub id (hub ids: only config, tokenizer and safetensors files)."""
+    from .zoo import resolve_model
+
+    source = resolve_model(name_or_path)
+    if os.path.isdir(source):
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja",
+                                                              "*.txt", "*.tiktoken"]))
+    except Exception as error:  # network, auth, missing repo: one clear message
+        raise ModelError(f"cannot fetch {source!r} from the hub for out-of-core pruning: {error}") from None
+
+
+def _progress_state(staging: Path) -> dict[str, Any] | None:
+    path = staging / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise PruneError(f"{path} is unreadable ({error}); delete {staging} to start afresh") from None
+
+
+def prune_out_of_core(
+    model: str | os.PathLike,
+    samples: Sequence[torch.Tensor],
+    sparsity: float | Sequence[float] | None,
+    out: str | os.PathLike,
+    *,
+    method: str = "wanda",
+    pattern: str = "unstructured",
+    include=None,
+    ignore=None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    eval_ids: torch.Tensor | None = None,
+    eval_window: int = 512,
+    bos_token_id: int | None = None,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    resume: bool = True,
+    extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Report:
+    """Prune the causal LM in folder `model` block by block from its memory-mapped safetensors and write the pruned
+    model to `out` (a `save_pretrained` folder with one shard per block, plus prunekit.json) without ever holding
+    the whole model. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model.
+
+    With `eval_ids` (1-D token ids of held-out text), the report's extra holds the dense and pruned perplexities over
+    non-overlapping windows of `eval_window` tokens, as `prunekit.evaluate.perplexity` computes them.
+    """
+    from . import llm
+    from .calibration import BlockFeed, capture_block_inputs, check_samples
+    from .distributed import check_same_version, is_distributed, is_writer, rank_and_world, shard
+    from .evaluate import _windows
+    from .export import check_destination, manifest_for
+    from .hf import find_decoder_blocks
+    from .io import move_into_place, sha256_file
+
+    import time
+
+    started = time.perf_counter()
+    solver, allocation = _check_method(method)
+    dest = Path(out)
+    check_destination(dest, overwrite)
+    folder = resolve_folder(model)
+    weights = SafetensorsWeights(folder)
+    skeleton = empty_causal_lm(folder, dtype)
+    mover = WeightMover(skeleton, weights)
+    prefix, blocks = find_decoder_blocks(skeleton)
+    settings = llm._settings(skeleton, solver, sparsity, pattern, allocation, blocksize, dampening, owl_m, owl_lambda,
+                             len(blocks))
+    targets = llm._block_targets(skeleton, blocks, include, ignore)
+    for block_targets in targets:
+        for t in block_targets:
+            settings.pattern.validate(t.name, t.weight.shape, t.kind)
+    samples = check_samples(skeleton, samples)
+    all_samples = samples
+    if is_distributed():
+        check_same_version()
+        samples = shard(samples, *rank_and_world())
+    writer = is_writer()
+    windows = []
+    if eval_ids is not None and writer:
+        windows = [w.unsqueeze(0) for w in _windows(torch.as_tensor(eval_ids, dtype=torch.long).reshape(-1),
+                                                       eval_window, bos_token_id)]
+        if not windows:
+            raise ArgumentError("eval_ids", f"<{torch.as_tensor(eval_ids).numel()} tokens>",
+                                f"at least one window of {eval_window} tokens")
+        windows = check_samples(skeleton, windows)
+
+    block_names = [mover.names(lambda n, i=i: n.startswith(f"{prefix}.{i}.")) for i in range(len(blocks))]
+    outer_names = mover.names(lambda n: not n.startswith(f"{prefix}."))
+    total_shards = len(blocks) + 1
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(f".{dest.name}.partial")
+    fingerprint = {
+        "weights": weights.fingerprint(), "samples": _digest_ids(all_samples),
+        "eval": _digest_ids(windows), "world": rank_and_world()[1], "dtype": str(dtype),
+        "settings": dict(method=method, pattern=settings.pattern.name, sparsities=settings.sparsities,
+                         blocksize=settings.blocksize, dampening=settings.dampening, owl_m=settings.owl_m,
+                         owl_lambda=settings.owl_lambda, include=include, ignore=ignore),
+    }
+    done, saved = 0, _progress_state(staging) if (resume and writer) else None
+    if saved is not None and saved.get("fingerprint") != json.loads(json.dumps(fingerprint, default=str)):
+        raise PruneError(f"{staging} holds a run with other settings, weights or samples; delete it to start afresh "
+                         "(or pass resume=False)")
+    if is_distributed():
+        saved = _broadcast_object(saved)
+    if saved is not None:
+        done = int(saved["blocks_done"])
+    elif writer:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+
+    mover.load(outer_names + block_names[0])
+    with torch.no_grad():
+        captured = capture_block_inputs(skeleton, samples, blocks)
+        captured_eval = capture_block_inputs(skeleton, windows, blocks) if windows else None
+    template = captured.template
+    stream = _Stream(captured.hidden, captured.calls, list(captured_eval.hidden) if captured_eval else [],
+                     list(captured_eval.hidden) if captured_eval else [], captured_eval.calls if captured_eval else [])
+    mover.release(outer_names + block_names[0])
+
+    sparsities = settings.sparsities
+    ratios = saved.get("owl_outlier_ratios") if saved else None
+    if settings.allocation == "owl" and ratios is None:
+        ratios = _owl_pass(skeleton, blocks, block_names, mover, stream, targets, settings, progress)
+        sparsities = llm.owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
+    elif ratios is not None:
+        sparsities = llm.owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
+
+    rows: list[LayerSparsity] = [LayerSparsity(**row) for row in (saved or {}).get("layers", [])]
+    if done:
+        _restore_hidden(staging, stream, samples, rank_and_world())
+    for index in tqdm(range(done, len(blocks)), desc="blocks (out of core)", initial=done, total=len(blocks),
+                      disable=not progress):
+        block = blocks[index]
+        mover.load(block_names[index])
+        with torch.no_grad():
+            _propagate(block, stream.dense_eval, stream.eval_calls, index, f"block {index + 1} dense eval", progress)
+            feed = BlockFeed(index, len(blocks), block, stream.calibration,
+                             [calls[index] for calls in stream.calibration_calls], progress)
+            llm.prune_block(feed, targets[index], settings, sparsities[index])
+            _propagate(block, stream.calibration, stream.calibration_calls, index, f"block {index + 1} propagate",
+                       progress)
+            _propagate(block, stream.pruned_eval, stream.eval_calls, index, f"block {index + 1} pruned eval", progress)
+        rows += [layer_sparsity(t, settings.pattern.name) for t in targets[index]]
+        if writer:
+            state = skeleton.state_dict()
+            write_shard(staging, shard_name(index + 2, total_shards), {n: state[n] for n in block_names[index]})
+        mover.release(block_names[index])
+        _save_progress(staging, index + 1, fingerprint, rows, ratios, stream, samples)
+
+    if not writer:
+        return _report(rows, method, settings, sparsity, apply="bake", extra={"world_size": rank_and_world()[1]},
+                       seconds=time.perf_counter() - started)
+
+    mover.load(outer_names)
+    perplexities = {}
+    if windows:
+        with torch.no_grad():
+            for label, finals in (("dense_perplexity", stream.dense_eval), ("pruned_perplexity", stream.pruned_eval)):
+                total = sum(head_nll(skeleton, blocks, template, ids, final) for ids, final in zip(windows, finals))
+                perplexities[label] = math.exp(total / sum(w.shape[1] - 1 for w in windows))
+    state = skeleton.state_dict()
+    write_shard(staging, shard_name(1, total_shards),
+                {name: state[name] for name in outer_names if name not in mover.tied})
+    mover.release(outer_names)
+
+    extra_info = {"block_sparsities": sparsities, "calibration_samples": len(all_samples),
+                  "calibration_tokens": sum(int(s.numel()) for s in all_samples), "world_size": rank_and_world()[1],
+                  "out_of_core": True, **perplexities, **(extra or {})}
+    if ratios is not None:
+        extra_info["owl_outlier_ratios"] = ratios
+    report = _report(rows, method, settings, sparsity, apply="bake", extra=extra_info,
+                     seconds=time.perf_counter() - started)
+    _finish_folder(staging, skeleton, folder, tokenizer, total_shards, report)
+    files = {path.name: sha256_file(path) for path in sorted(staging.glob("*.safetensors"))}
+    _write_json(staging / "prunekit.json", manifest_for(report, files, {"job": extra_info}))
+    for leftover in (PROGRESS_FILE, STATE_FILE):
+        (staging / leftover).unlink(missing_ok=True)
+    move_into_place(staging, dest)
+    return report
+
+
+def _digest_ids(samples: Sequence[torch.Tensor]) -> str:
+    from .calibration import _samples_digest
+
+    return _samples_digest(samples) if samples else ""
+
+
+def _broadcast_object(value: Any) -> Any:
+    """Rank 0's value on every rank (whether a run resumes is decided by the writer, who holds the folder)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _owl_pass(model, blocks, block_names, mover: WeightMover, stream: _Stream, targets, settings, progress) -> list[float]:
+    """OWL's statistics-only pass over the dense blocks (each loaded and dropped again), on copies of the inputs."""
+    from . import llm
+    from .calibration import BlockFeed
+    from .distributed import all_reduce_stats
+    from .layout import to_matrix
+
+    hidden = [h.clone() for h in stream.calibration]
+    ratios = []
+    for index in tqdm(range(len(blocks)), desc="OWL outlier ratios", disable=not progress):
+        mover.load(block_names[index])
+        with torch.no_grad():
+            feed = BlockFeed(index, len(blocks), blocks[index], hidden,
+                             [calls[index] for calls in stream.calibration_calls], progress)
+            stats = llm.gather_stats(feed, {t.name: t.module for t in targets[index]}, hessian=False)
+            all_reduce_stats(stats)
+            scores = [llm.wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
+                      for t in targets[index]]
+            ratios.append(llm.outlier_ratio(torch.cat(scores), settings.owl_m))
+            _propagate(blocks[index], hidden, stream.calibration_calls, index, f"block {index + 1} OWL", progress)
+        mover.release(block_names[index])
+    return ratios
+
+
+def _save_progress(staging: Path, blocks_done: int, fingerprint, rows, ratios, stream: _Stream, samples) -> None:
+    """The writer's checkpoint after a block: the hidden states entering the next block, then progress.json."""
+    from .distributed import is_distributed, is_writer
+
+    if is_distributed() or not is_writer():
+        return  # under torch.distributed each rank holds other hidden states: resume is for single-process runs
+    from .calibration import _save_atomic
+
+    tensors = {f"calibration.{i}": h for i, h in enumerate(stream.calibration)}
+    tensors.update({f"dense_eval.{i}": h for i, h in enumerate(stream.dense_eval)})
+    tensors.update({f"pruned_eval.{i}": h for i, h in enumerate(stream.pruned_eval)})
+    _save_atomic(tensors, staging / STATE_FILE)
+    _write_json(staging / PROGRESS_FILE, {
+        "version": PROGRESS_VERSION, "blocks_done": blocks_done, "fingerprint": fingerprint,
+        "layers": [row.__dict__ for row in rows], "owl_outlier_ratios": ratios,
+    })
+
+
+def _restore_hidden(staging: Path, stream: _Stream, samples, rank_world) -> None:
+    from safetensors.torch import load_file
+
+    if rank_world[1] > 1:
+        raise PruneError(f"{staging}: resuming an out-of-core run is for single-process runs; delete it to restart")
+    state = load_file(str(staging / STATE_FILE))
+    stream.calibration[:] = [state[f"calibration.{i}"] for i in range(len(stream.calibration))]
+    stream.dense_eval[:] = [state[f"dense_eval.{i}"] for i in range(len(stream.dense_eval))]
+    stream.pruned_eval[:] = [state[f"pruned_eval.{i}"] for i in range(len(stream.pruned_eval))]
+
+
+def _report(rows, method, settings, sparsity, apply, extra, seconds) -> Report:
+    return Report(
+        layers=rows, method=method,
+        arguments=dict(solver=settings.solver, sparsity=list(sparsity) if isinstance(sparsity, (list, tuple)) else sparsity,
+                       pattern=settings.pattern.name, allocation=settings.allocation, blocksize=settings.blocksize,
+                       dampening=settings.dampening, owl_m=settings.owl_m, owl_lambda=settings.owl_lambda, apply=apply,
+                       out_of_core=True),
+        seconds=seconds, extra=extra,
+    )
+
+
+def _finish_folder(staging: Path, skeleton: nn.Module, source: Path, tokenizer: Any, total_shards: int,
+                   report: Report) -> None:
+    """config.json, generation config, tokenizer and the shard index: what `from_pretrained` needs besides weights."""
+    from safetensors import safe_open
+
+    skeleton.config.save_pretrained(staging)
+    generation = source / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, staging / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    weight_map, total_size = {}, 0
+    for number in range(1, total_shards + 1):
+        name = shard_name(number, total_shards)
+        with safe_open(str(staging / name), framework="pt") as handle:
+            for key in handle.keys():
+                weight_map[key] = name
+                piece = handle.get_slice(key)
+                total_size += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+    _write_json(staging / "model.safetensors.index.json",
+                {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
