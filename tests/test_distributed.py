@@ -105,7 +105,7 @@ def test_torchrun_cli_writes_the_one_process_model_once(tmp_path):
 # --- SparseGPT's owner-rank solve, and failures across ranks --------------------------------------------------------
 
 
-def _solve_and_record_layers(rank: int) -> dict:
+def _solve_and_record_layers(rank: int, _folder: str) -> dict:
     """Prune with SparseGPT, recording the layers this rank's solver ran on."""
     import prunekit.llm
 
@@ -121,7 +121,7 @@ def _solve_and_record_layers(rank: int) -> dict:
     return {"solved": solved, "layers": sorted(name.removesuffix(".weight") for name in weights)}
 
 
-def _prune_with_another_version(rank: int) -> dict:
+def _prune_with_another_version(rank: int, _folder: str) -> dict:
     import prunekit
 
     if rank == 1:
@@ -149,25 +149,47 @@ def _prune_while_rank_1_fails(rank: int, how: str) -> dict:
     return {"finished": True}
 
 
+def _save_pruned_while_rank_1_crashes(rank: int, folder: str) -> dict:
+    """The `prunekit prune` job (pipeline.prune_language_model) with --out, rank 1 crashing before block 1's sums."""
+    import prunekit.llm
+    from prunekit.pipeline import prune_language_model
+
+    torch.set_num_threads(1)
+    if rank == 1:
+        prune_block, calls = prunekit.llm.prune_block, []
+
+        def crash_on_block_1(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                os._exit(1)
+            return prune_block(*args)
+
+        prunekit.llm.prune_block = crash_on_block_1
+    prune_language_model(os.path.join(folder, "tiny"), "wanda", 0.5, n_samples=5, seq_len=24, evaluate=False,
+                         out=os.path.join(folder, "pruned"), progress=False, log=lambda message: None)
+    return {"finished": True}
+
+
 SCENARIOS = {"solve": _solve_and_record_layers, "version": _prune_with_another_version,
-             "raise": lambda rank: _prune_while_rank_1_fails(rank, "raise"),
-             "exit": lambda rank: _prune_while_rank_1_fails(rank, "exit")}
+             "raise": lambda rank, _folder: _prune_while_rank_1_fails(rank, "raise"),
+             "exit": lambda rank, _folder: _prune_while_rank_1_fails(rank, "exit"),
+             "save": _save_pruned_while_rank_1_crashes}
 
 
-def _scenario_rank(rank: int, world: int, init_file: str, scenario: str, out: str) -> None:
-    """One rank of a scenario: its result, or its error as "Type: message", goes to out.rank<r>."""
+def _scenario_rank(rank: int, world: int, folder: str, scenario: str) -> None:
+    """One rank of a scenario: its result, or its error as "Type: message", goes to folder/result.rank<r>."""
     import json
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world,
                             timeout=timedelta(seconds=20))  # a silent peer is given up on within the test's time
     try:
-        result = SCENARIOS[scenario](rank)
+        result = SCENARIOS[scenario](rank, folder)
     except Exception as error:  # noqa: BLE001 - the test checks which error each rank saw
         result = {"error": f"{type(error).__name__}: {error}"}
-    with open(f"{out}.rank{rank}", "w") as file:
+    with open(f"{folder}/result.rank{rank}", "w") as file:
         json.dump(result, file)
     dist.destroy_process_group()
 
@@ -178,9 +200,7 @@ def _run_scenario(tmp_path, scenario: str) -> tuple[list[int], list[dict | None]
     import json
 
     context = mp.get_context("spawn")
-    out = str(tmp_path / "result")
-    processes = [context.Process(target=_scenario_rank, args=(rank, 2, str(tmp_path / "init"), scenario, out))
-                 for rank in range(2)]
+    processes = [context.Process(target=_scenario_rank, args=(rank, 2, str(tmp_path), scenario)) for rank in range(2)]
     for process in processes:
         process.start()
     for process in processes:
@@ -189,8 +209,8 @@ def _run_scenario(tmp_path, scenario: str) -> tuple[list[int], list[dict | None]
         if process.is_alive():
             process.kill()
             pytest.fail(f"a rank of {scenario!r} still runs after 180 s: a collective hangs")
-    results = [json.loads(open(f"{out}.rank{rank}").read()) if os.path.exists(f"{out}.rank{rank}") else None
-               for rank in range(2)]
+    paths = [tmp_path / f"result.rank{rank}" for rank in range(2)]
+    results = [json.loads(path.read_text()) if path.exists() else None for path in paths]
     return [process.exitcode for process in processes], results
 
 
@@ -210,6 +230,18 @@ def test_a_rank_failing_mid_run_stops_the_other_with_a_clear_error(tmp_path, how
         assert one == {"error": "RuntimeError: rank 1 failed on purpose"}
     else:
         assert codes[1] == 1 and one is None
+
+
+def test_a_rank_crashing_mid_run_leaves_no_output_folder(tmp_path):
+    from prunekit.zoo import smollm2_135m
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_135m())  # as in the torchrun test above
+    _tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    codes, (zero, _) = _run_scenario(tmp_path, "save")
+    assert codes[1] == 1
+    assert zero["error"].startswith("ModelError: distributed calibration stopped: another rank failed"), zero
+    assert not (tmp_path / "pruned").exists()  # rank 0 writes only once every block is pruned
 
 
 def test_ranks_with_different_prunekit_versions_refuse_to_run(tmp_path):
