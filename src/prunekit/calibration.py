@@ -273,6 +273,28 @@ def _passthrough_like(template: Any) -> Callable[..., Any]:
     return forward
 
 
+def _shared(call: BlockCall, known: dict[tuple, list[torch.Tensor]]) -> BlockCall:
+    """The call with every tensor argument equal to one seen before replaced by that one: samples of one length get
+    the same rotary tables and position ids, which then take memory once instead of once per sample."""
+
+    def share(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            same = known.setdefault((tuple(value.shape), value.dtype, value.device), [])
+            for seen in same:
+                if seen is value or torch.equal(seen, value):
+                    return seen
+            if len(same) < 8:  # a few distinct values per shape (per layer type); beyond that, keep as is
+                same.append(value)
+            return value
+        if isinstance(value, tuple):
+            return tuple(share(item) for item in value)
+        if isinstance(value, list):
+            return [share(item) for item in value]
+        return value
+
+    return BlockCall(share(call.args), {key: share(value) for key, value in call.kwargs.items()})
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], blocks: nn.ModuleList | None = None) -> CapturedInputs:
     """Capture, per sample, the hidden states entering block 0 and every block's other arguments."""
@@ -295,6 +317,7 @@ def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], bloc
 
         return hook
 
+    known: dict[tuple, list[torch.Tensor]] = {}
     handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     # Instance attributes shadow the class's forward; blocks become identities so capturing costs no block compute.
     for block in blocks:
@@ -310,7 +333,7 @@ def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], bloc
                     "block-by-block calibration needs every block on the forward path, once, in order"
                 )
             result.hidden.append(record[0][0])
-            result.calls.append([record[i][1] for i in range(len(blocks))])
+            result.calls.append([_shared(record[i][1], known) for i in range(len(blocks))])
     finally:
         for handle in handles:
             handle.remove()

@@ -59,11 +59,16 @@ def prune_language_model(
     window: int = 512,
     checkpoint_dir: str | os.PathLike | None = None,
     evaluate: bool = True,
+    out_of_core: bool = False,
     progress: bool = True,
     log: Any = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Prune a causal LM with calibration text and measure perplexity before and after; optionally save it."""
+    """Prune a causal LM with calibration text and measure perplexity before and after; optionally save it.
+
+    With `out_of_core=True` the model is never loaded whole: blocks are read from its memory-mapped safetensors,
+    pruned and written to `out` one at a time (see prunekit.streaming); the result is the same.
+    """
     from . import prune
     from .calibration import calibration_samples, load_text
     from .evaluate import perplexity
@@ -80,12 +85,22 @@ def prune_language_model(
             raise ArgumentError(name, value, "a positive integer")
     if out is not None:
         check_destination(Path(out), overwrite)
+    if out_of_core:
+        if out is None:
+            raise ArgumentError("out", None, "a folder: an out-of-core run writes the pruned model block by block")
+        if checkpoint_dir is not None:
+            raise ArgumentError("checkpoint_dir", os.fspath(checkpoint_dir), "None with out_of_core (an out-of-core "
+                                "run resumes from its own staging folder beside `out`: rerun the same command)")
     init_from_environment()  # under torchrun: join the group; the samples are then shared across the ranks
     calib_text = load_text(calib)
     eval_text = load_text(ppl) if ppl is not None else None
     if eval_text is None or (ppl == calib):
         calib_text, eval_text = split_held_out(calib_text)
 
+    log = log or (lambda message: None)
+    if out_of_core:
+        return _prune_out_of_core(model, recipe.name, sparsity, pattern, calib_text, eval_text, n_samples, seq_len,
+                                  seed, out, overwrite, eval_tokens, window, evaluate, progress, log, options)
     log(f"loading {os.fspath(model)}")
     started = time.perf_counter()
     lm, tokenizer = load_causal_lm(model)
@@ -93,8 +108,6 @@ def prune_language_model(
     check_sequence_length(lm, seq_len)
     samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
     log(f"loaded in {load_seconds:.1f} s; {len(samples)} calibration samples of {seq_len} tokens")
-
-    log = log or (lambda message: None)
 
     writer = is_writer()  # under torchrun only rank 0 evaluates and writes; every rank calibrates and prunes
 
@@ -128,4 +141,45 @@ def prune_language_model(
         save_pretrained(lm, out, tokenizer=tokenizer, report=report, extra={"job": summary}, overwrite=overwrite)
         summary["out"] = os.fspath(out)
     summary["report"] = report
+    return summary
+
+
+def _prune_out_of_core(model, method, sparsity, pattern, calib_text, eval_text, n_samples, seq_len, seed, out,
+                       overwrite, eval_tokens, window, evaluate, progress, log, options) -> dict[str, Any]:
+    """The same job as prune_language_model, block by block from the memory-mapped checkpoint (prunekit.streaming)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .calibration import calibration_samples
+    from .evaluate import encode, tokenizer_adds_bos
+    from .hf import check_sequence_length
+    from .streaming import prune_out_of_core, resolve_folder
+
+    folder = resolve_folder(model)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    check_sequence_length(SimpleNamespace(config=config), seq_len)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
+    eval_ids, bos = None, None
+    if evaluate:
+        eval_ids = encode(tokenizer, eval_text)[:eval_tokens]
+        bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    del tokenizer  # the pruned folder gets the tokenizer's files copied as they are; its memory is not needed
+    log(f"pruning {folder} out of core with {method}; {len(samples)} calibration samples of {seq_len} tokens")
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"model": os.fspath(model), "method": method, "pattern": pattern,
+                               "calibration_samples": len(samples), "seq_len": seq_len, "seed": seed,
+                               "out_of_core": True}
+    report = prune_out_of_core(folder, samples, sparsity, out, method=method, pattern=pattern, eval_ids=eval_ids,
+                               eval_window=min(window, seq_len * 4, eval_tokens), bos_token_id=bos,
+                               overwrite=overwrite, progress=progress,
+                               extra={"seq_len": seq_len, "seed": seed}, **options)
+    summary.update(sparsity=report.sparsity, dense_perplexity=report.extra.get("dense_perplexity"),
+                   pruned_perplexity=report.extra.get("pruned_perplexity"), load_seconds=0.0,
+                   prune_seconds=time.perf_counter() - started, peak_rss_mib=peak_rss_mib(), out=os.fspath(out),
+                   report=report)
+    for label in ("dense", "pruned"):
+        if summary[f"{label}_perplexity"] is not None:
+            log(f"{label} perplexity {summary[f'{label}_perplexity']:.3f}")
     return summary

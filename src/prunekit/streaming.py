@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -40,8 +41,6 @@ STREAMED_METHODS = {"wanda": ("wanda", "uniform"), "sparsegpt": ("sparsegpt", "u
 PROGRESS_FILE = "progress.json"
 STATE_FILE = "hidden.safetensors"
 PROGRESS_VERSION = 1
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -49,19 +48,69 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lives: its file, dtype name, shape and byte range inside the file."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(the JSON header, the offset where tensor data begins) of a safetensors file, without reading any tensor."""
+    import struct
+
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ModelError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100_000_000 or length > path.stat().st_size:
+            raise ModelError(f"{path} is not a safetensors file (header length {length})")
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError as error:
+            raise ModelError(f"{path} has an unreadable safetensors header ({error})") from None
+    return header, 8 + length
+
+
 class SafetensorsWeights:
-    """The tensors of a model folder's safetensors files, memory-mapped and read one at a time (never pickle)."""
+    """The tensors of a model folder's safetensors files, memory-mapped (never pickle).
+
+    `view` gives a tensor over the mapped file itself: only the pages actually touched become resident (an embedding
+    lookup touches a few rows). `read` gives a private copy and drops the mapped pages from this process again, so
+    reading block after block never accumulates the file in memory.
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        from safetensors import safe_open
+        import mmap
 
         self.folder = Path(folder)
-        files = self._weight_files(self.folder)
-        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
-        self._where: dict[str, str] = {}
-        for name, handle in self._handles.items():
-            for key in handle.keys():
-                self._where[key] = name
+        self._maps: dict[str, mmap.mmap] = {}
+        self.entries: dict[str, _Entry] = {}
+        for name in self._weight_files(self.folder):
+            header, data_start = read_safetensors_header(self.folder / name)
+            with open(self.folder / name, "rb") as handle:
+                # ACCESS_COPY (private, copy-on-write): tensors over it are writable and never write to the file
+                self._maps[name] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info.get("dtype") not in _DTYPES:
+                    raise ModelError(f"{self.folder / name}: tensor {key!r} has dtype {info.get('dtype')!r}, which "
+                                     f"prunekit cannot read (known: {', '.join(_DTYPES)})")
+                begin, finish = info["data_offsets"]
+                self.entries[key] = _Entry(name, info["dtype"], tuple(info["shape"]), data_start + begin,
+                                           data_start + finish)
 
     @staticmethod
     def _weight_files(folder: Path) -> list[str]:
@@ -86,25 +135,61 @@ class SafetensorsWeights:
 
     def keys(self) -> list[str]:
         """Every tensor name in the folder."""
-        return list(self._where)
+        return list(self.entries)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return key in self.entries
+
+    def view(self, key: str) -> torch.Tensor:
+        """The tensor over the mapped file (no copy; pages become resident only when touched)."""
+        entry = self.entries[key]
+        dtype = _DTYPES[entry.dtype]
+        count = math.prod(entry.shape)
+        if count == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        flat = torch.frombuffer(self._maps[entry.file], dtype=dtype, count=count, offset=entry.start)
+        return flat.reshape(entry.shape)
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, read from the memory map into its own memory."""
-        return self._handles[self._where[key]].get_tensor(key)
+        """A private copy of the tensor; the mapped pages it touched are released from this process."""
+        copy = self.view(key).clone()
+        self.drop_pages(key)
+        return copy
+
+    def drop_pages(self, key: str) -> None:
+        """Tell the kernel this process no longer needs the mapped pages of `key` (they stay in the page cache)."""
+        import mmap
+
+        entry = self.entries[key]
+        page = mmap.PAGESIZE
+        start = entry.start // page * page
+        length = entry.end - start
+        if length > 0 and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[entry.file].madvise(mmap.MADV_DONTNEED, start, length)
+
+    def copy_bytes(self, key: str, handle) -> None:
+        """Write the tensor's raw bytes to an open file, a few MiB at a time, straight from the mapping."""
+        import mmap
+
+        entry = self.entries[key]
+        mapping = self._maps[entry.file]
+        chunk = 16 << 20  # a multiple of the page size
+        for offset in range(entry.start, entry.end, chunk):
+            handle.write(mapping[offset:min(offset + chunk, entry.end)])
+            aligned = offset // mmap.PAGESIZE * mmap.PAGESIZE  # drop what was just copied, not at the very end
+            if hasattr(mmap, "MADV_DONTNEED"):
+                mapping.madvise(mmap.MADV_DONTNEED, aligned, min(offset + chunk, entry.end) - aligned)
 
     def fingerprint(self) -> str:
         """Names, shapes and dtypes of every tensor, plus the file sizes: tells one checkpoint from another cheaply."""
         import hashlib
 
         hasher = hashlib.sha256()
-        for name, handle in sorted(self._handles.items()):
+        for name in sorted(self._maps):
             hasher.update(f"{name}:{(self.folder / name).stat().st_size}".encode())
-            for key in sorted(handle.keys()):
-                piece = handle.get_slice(key)
-                hasher.update(f"{key}:{piece.get_dtype()}:{piece.get_shape()}".encode())
+        for key in sorted(self.entries):
+            entry = self.entries[key]
+            hasher.update(f"{key}:{entry.dtype}:{entry.shape}:{entry.start}".encode())
         return hasher.hexdigest()[:16]
 
 
@@ -176,14 +261,16 @@ class WeightMover:
                 chosen.append(name)
         return chosen
 
-    def load(self, names: Sequence[str]) -> None:
-        """Read `names` from the memory-mapped files into the model (in the model's dtype)."""
+    def load(self, names: Sequence[str], copy: bool = True) -> None:
+        """Read `names` from the memory-mapped files into the model (in the model's dtype). With copy=False, tensors
+        already in that dtype stay over the mapping (for weights that are only read, such as the embedding)."""
         expected = self.model.state_dict(keep_vars=True)
         state, read = {}, {}
         for name in names:
             key = self.source_key(name)
             if key not in read:  # tied tensors (head and embedding) are read once and shared
-                read[key] = self.weights.read(key)
+                same_dtype = _DTYPES[self.weights.entries[key].dtype] == expected[name].dtype
+                read[key] = self.weights.view(key) if (same_dtype and not copy) else self.weights.read(key)
             value = read[key]
             if tuple(value.shape) != tuple(expected[name].shape):
                 raise ModelError(f"{self.weights.folder}: tensor {name!r} has shape {tuple(value.shape)}, the config "
@@ -191,9 +278,26 @@ class WeightMover:
             state[name] = value.to(expected[name].dtype) if value.is_floating_point() else value
         self.model.load_state_dict(state, strict=False, assign=True)
 
+    @contextmanager
+    def dropping_pages_after_forward(self, module: nn.Module, names: Sequence[str]):
+        """While inside: after each forward of `module` (the embedding lookup), its mapped pages are released, so a
+        pass over many samples never holds more than one sample's rows of the embedding."""
+        keys = {self.source_key(name) for name in names}
+
+        def drop(_module, _args, _output):
+            for key in keys:
+                self.weights.drop_pages(key)
+
+        handle = module.register_forward_hook(drop)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def release(self, names: Sequence[str]) -> None:
-        """Drop the parameters `names` back to the meta device, freeing their memory."""
+        """Drop the parameters `names` back to the meta device, freeing their memory (and their mapped pages)."""
         for name in names:
+            self.weights.drop_pages(self.source_key(name))
             owner, _, attribute = name.rpartition(".")
             module = self.model.get_submodule(owner)
             if attribute in module._parameters:
@@ -211,14 +315,60 @@ def shard_name(number: int, total: int) -> str:
     return f"model-{number:05d}-of-{total:05d}.safetensors"
 
 
-def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    """One safetensors shard, via a temp file and a rename (a crash never leaves half a shard under its name)."""
-    from safetensors.torch import save_file
+def write_safetensors(path: Path, items: Sequence[tuple[str, str, tuple[int, ...], int, Callable[[Any], None]]]) -> None:
+    """Write a safetensors file tensor by tensor, via a temp file and a rename (never half a file under `path`).
 
-    plain = {key: value.detach().contiguous() for key, value in tensors.items()}
-    temp = folder / f".{name}.tmp"
-    save_file(plain, str(temp), metadata={"format": "pt"})
-    os.replace(temp, folder / name)
+    `items`: (name, dtype name such as "F32", shape, byte count, a function writing exactly those bytes to a file
+    handle). Nothing is gathered in memory first (safetensors' own save_file copies every tensor into one buffer).
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype_name, shape, size, _ in items:
+        header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for _, _, _, _, write in items:
+            write(handle)
+    os.replace(temp, path)
+
+
+def _tensor_item(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], int, Callable[[Any], None]]:
+    tensor = tensor.detach().cpu().contiguous()
+
+    def write(handle) -> None:
+        if tensor.numel():
+            handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+
+    return name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.numel() * tensor.element_size(), write
+
+
+def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors shard of in-memory tensors."""
+    write_safetensors(folder / name, [_tensor_item(key, value) for key, value in tensors.items()])
+
+
+def write_shard_from_source(folder: Path, name: str, keys: dict[str, str], weights: SafetensorsWeights,
+                            dtype: torch.dtype) -> None:
+    """A shard of tensors copied from the source checkpoint (`keys`: output name -> source name) in `dtype`, written
+    tensor by tensor: tensors already in `dtype` go byte for byte from the mapping, never whole in memory."""
+    target = _DTYPE_NAMES[dtype]
+    items = []
+    for out_key, source_key in keys.items():
+        entry = weights.entries[source_key]
+        if entry.dtype == target or not _DTYPES[entry.dtype].is_floating_point:
+            size = entry.end - entry.start
+            items.append((out_key, entry.dtype, entry.shape, size,
+                          lambda handle, key=source_key: weights.copy_bytes(key, handle)))
+        else:
+            size = math.prod(entry.shape) * dtype.itemsize
+            items.append((out_key, target, entry.shape, size,
+                          lambda handle, key=source_key: _tensor_item(key, weights.read(key).to(dtype))[4](handle)))
+    write_safetensors(folder / name, items)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -276,8 +426,23 @@ def _propagate(block: nn.Module, hidden: list[torch.Tensor], calls: list, index:
     from .calibration import _check_finite, call_block
 
     for sample in tqdm(range(len(hidden)), desc=desc, disable=not progress, leave=False):
-        hidden[sample] = call_block(block, hidden[sample], calls[sample][index])
+        output = call_block(block, hidden[sample], calls[sample][index])
+        if output.shape == hidden[sample].shape and output.dtype == hidden[sample].dtype:
+            hidden[sample].copy_(output)  # in place: the hidden states keep one allocation for the whole run
+        else:
+            hidden[sample] = output
     _check_finite(hidden, f"block {index}")
+
+
+def _in_one_buffer(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The hidden states as views of one tensor when they share a shape (moved one by one: no second full copy)."""
+    if len(hidden) < 2 or any(h.shape != hidden[0].shape or h.dtype != hidden[0].dtype for h in hidden):
+        return hidden
+    buffer = torch.empty((len(hidden), *hidden[0].shape), dtype=hidden[0].dtype, device=hidden[0].device)
+    for sample in range(len(hidden)):
+        buffer[sample].copy_(hidden[sample])
+        hidden[sample] = buffer[sample]
+    return hidden
 
 
 def _check_method(method: str) -> tuple[str, str]:
@@ -356,6 +521,7 @@ def prune_out_of_core(
 
     started = time.perf_counter()
     solver, allocation = _check_method(method)
+    limit_heap_fragmentation()
     dest = Path(out)
     check_destination(dest, overwrite)
     folder = resolve_folder(model)
@@ -409,12 +575,13 @@ def prune_out_of_core(
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
 
-    mover.load(outer_names + block_names[0])
-    with torch.no_grad():
+    mover.load(outer_names, copy=False)
+    mover.load(block_names[0])
+    with torch.no_grad(), mover.dropping_pages_after_forward(skeleton.get_input_embeddings(), outer_names):
         captured = capture_block_inputs(skeleton, samples, blocks)
         captured_eval = capture_block_inputs(skeleton, windows, blocks) if windows else None
     template = captured.template
-    stream = _Stream(captured.hidden, captured.calls, list(captured_eval.hidden) if captured_eval else [],
+    stream = _Stream(_in_one_buffer(captured.hidden), captured.calls, list(captured_eval.hidden) if captured_eval else [],
                      list(captured_eval.hidden) if captured_eval else [], captured_eval.calls if captured_eval else [])
     mover.release(outer_names + block_names[0])
 
@@ -452,17 +619,18 @@ def prune_out_of_core(
         return _report(rows, method, settings, sparsity, apply="bake", extra={"world_size": rank_and_world()[1]},
                        seconds=time.perf_counter() - started)
 
-    mover.load(outer_names)
+    stream.calibration.clear()
     perplexities = {}
     if windows:
+        mover.load(outer_names, copy=False)
         with torch.no_grad():
             for label, finals in (("dense_perplexity", stream.dense_eval), ("pruned_perplexity", stream.pruned_eval)):
                 total = sum(head_nll(skeleton, blocks, template, ids, final) for ids, final in zip(windows, finals))
                 perplexities[label] = math.exp(total / sum(w.shape[1] - 1 for w in windows))
-    state = skeleton.state_dict()
-    write_shard(staging, shard_name(1, total_shards),
-                {name: state[name] for name in outer_names if name not in mover.tied})
-    mover.release(outer_names)
+        mover.release(outer_names)
+    write_shard_from_source(staging, shard_name(1, total_shards),
+                            {name: mover.source_key(name) for name in outer_names if name not in mover.tied},
+                            weights, dtype)
 
     extra_info = {"block_sparsities": sparsities, "calibration_samples": len(all_samples),
                   "calibration_tokens": sum(int(s.numel()) for s in all_samples), "world_size": rank_and_world()[1],
@@ -478,6 +646,39 @@ def prune_out_of_core(
         (staging / leftover).unlink(missing_ok=True)
     move_into_place(staging, dest)
     return report
+
+
+def limit_heap_fragmentation() -> bool:
+    """Ask glibc to give large freed buffers (hidden states, block weights) straight back to the system.
+
+    By default glibc raises its mmap threshold after the first large free, after which every freed block-sized buffer
+    stays in the heap: a run that loads and drops blocks one by one would then keep growing. A fixed threshold
+    (128 KiB) turns that off. Process-wide and harmless elsewhere; a no-op off glibc. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    M_MMAP_THRESHOLD = -3
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):
+        return False
+
+
+# Files of a model folder that are neither weights nor config: copied as they are into the pruned folder.
+AUXILIARY_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                   "*.tiktoken", "chat_template.*", "generation_config.json", "preprocessor_config.json")
+
+
+def copy_auxiliary_files(source: Path, staging: Path) -> list[str]:
+    """Copy the tokenizer, chat template and generation config files of `source` (no code files, no weights)."""
+    copied = []
+    for pattern in AUXILIARY_FILES:
+        for path in sorted(source.glob(pattern)):
+            if path.is_file() and not (staging / path.name).exists():
+                shutil.copyfile(path, staging / path.name)
+                copied.append(path.name)
+    return copied
 
 
 def _digest_ids(samples: Sequence[torch.Tensor]) -> str:
@@ -525,12 +726,10 @@ def _save_progress(staging: Path, blocks_done: int, fingerprint, rows, ratios, s
 
     if is_distributed() or not is_writer():
         return  # under torch.distributed each rank holds other hidden states: resume is for single-process runs
-    from .calibration import _save_atomic
-
     tensors = {f"calibration.{i}": h for i, h in enumerate(stream.calibration)}
     tensors.update({f"dense_eval.{i}": h for i, h in enumerate(stream.dense_eval)})
     tensors.update({f"pruned_eval.{i}": h for i, h in enumerate(stream.pruned_eval)})
-    _save_atomic(tensors, staging / STATE_FILE)
+    write_shard(staging, STATE_FILE, tensors)
     _write_json(staging / PROGRESS_FILE, {
         "version": PROGRESS_VERSION, "blocks_done": blocks_done, "fingerprint": fingerprint,
         "layers": [row.__dict__ for row in rows], "owl_outlier_ratios": ratios,
@@ -565,11 +764,9 @@ def _finish_folder(staging: Path, skeleton: nn.Module, source: Path, tokenizer: 
     from safetensors import safe_open
 
     skeleton.config.save_pretrained(staging)
-    generation = source / "generation_config.json"
-    if generation.is_file():
-        shutil.copyfile(generation, staging / "generation_config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    copy_auxiliary_files(source, staging)
     weight_map, total_size = {}, 0
     for number in range(1, total_shards + 1):
         name = shard_name(number, total_shards)
@@ -577,6 +774,6 @@ def _finish_folder(staging: Path, skeleton: nn.Module, source: Path, tokenizer: 
             for key in handle.keys():
                 weight_map[key] = name
                 piece = handle.get_slice(key)
-                total_size += math.prod(piece.get_shape()) * _DTYPE_BYTES[piece.get_dtype()]
+                total_size += math.prod(piece.get_shape()) * _DTYPES[piece.get_dtype()].itemsize
     _write_json(staging / "model.safetensors.index.json",
                 {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
