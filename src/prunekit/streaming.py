@@ -581,7 +581,9 @@ def prune_out_of_core(
         captured = capture_block_inputs(skeleton, samples, blocks)
         captured_eval = capture_block_inputs(skeleton, windows, blocks) if windows else None
     template = captured.template
-    stream = _Stream(_in_one_buffer(captured.hidden), captured.calls, list(captured_eval.hidden) if captured_eval else [],
+    # Two separate copies of the evaluation windows: the dense and the pruned blocks each update theirs in place.
+    stream = _Stream(_in_one_buffer(captured.hidden), captured.calls,
+                     [h.clone() for h in captured_eval.hidden] if captured_eval else [],
                      list(captured_eval.hidden) if captured_eval else [], captured_eval.calls if captured_eval else [])
     mover.release(outer_names + block_names[0])
 
