@@ -280,3 +280,20 @@ def test_the_collective_timeout_comes_from_the_environment():
             timeout_from_environment({"PRUNEKIT_DIST_TIMEOUT": bad})
     assert backend_for(False) == "gloo"
     assert backend_for(True) == "cpu:gloo,cuda:nccl"  # the statistics stay on the CPU even with GPUs
+
+
+def test_the_device_is_this_ranks_gpu_or_the_cpu_and_bad_names_are_refused(monkeypatch):
+    from prunekit.distributed import resolve_device
+    from prunekit.errors import ArgumentError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ArgumentError, match="device.*no CUDA device"):
+        resolve_device("cuda:1")
+    with pytest.raises(ArgumentError, match="device.*auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "6")
+    assert resolve_device("auto") == torch.device("cuda", 2)  # LOCAL_RANK modulo the GPUs this node has

@@ -25,12 +25,31 @@ class InputStats:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs (any leading shape, last dimension = features)."""
-        x = x.detach().reshape(-1, self.features).float().cpu()
+        x = x.detach().reshape(-1, self.features).float()
+        if self.sum.device != x.device:  # accumulate where the activations are (a GPU under --device cuda)
+            self.to(x.device)
         self.tokens += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.sum_sq += (x * x).sum(0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx += (x.t() @ x).double()  # the product in float32 (fast), the running sum in float64
+
+    def inverse_factor(self, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseGPT's (upper Cholesky factor of the damped inverse Hessian, dead inputs), computed once per
+        dampening and shared by every layer fed this input (q/k/v, gate/up)."""
+        from prunekit.reconstruct.sparsegpt import inverse_hessian_factor
+
+        cache = self.__dict__.setdefault("_factors", {})
+        if dampening not in cache:
+            cache[dampening] = inverse_hessian_factor(self.hessian, dampening)
+        return cache[dampening]
+
+    def to(self, device: torch.device | str) -> "InputStats":
+        """Move the sums to `device` (statistics stay float64 wherever they live)."""
+        self.sum, self.sum_sq = self.sum.to(device), self.sum_sq.to(device)
+        if self.xtx is not None:
+            self.xtx = self.xtx.to(device)
+        return self
 
     @property
     def column_norm_sq(self) -> torch.Tensor:

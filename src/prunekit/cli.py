@@ -238,7 +238,7 @@ def _prune_language_model(args: argparse.Namespace) -> int:
         args.model, args.method, args.sparsity, pattern=args.pattern, calib=_calibration_source(args), ppl=args.ppl,
         n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, out=args.out, overwrite=args.overwrite,
         eval_tokens=args.eval_tokens, checkpoint_dir=args.checkpoint_dir, evaluate=not args.no_eval,
-        out_of_core=args.out_of_core, progress=not args.quiet, log=log, **options,
+        out_of_core=args.out_of_core, device=args.device, progress=not args.quiet, log=log, **options,
     )
     report = summary.pop("report")
     from .distributed import is_writer
@@ -468,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
     llm.add_argument("--eval-tokens", type=int, default=8192, help="tokens of held-out text to evaluate (8192)")
     llm.add_argument("--checkpoint-dir", metavar="DIR", help="save progress after each block; rerun to resume")
+    llm.add_argument("--device", default="auto", help="auto (this rank's GPU when CUDA is available, else the "
+                     "CPU), cpu, cuda or cuda:N")
     llm.add_argument("--out-of-core", action="store_true", help="never hold the whole model: read, prune and write "
                      "one block at a time from its safetensors (same result; resumes when rerun)")
     llm.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")

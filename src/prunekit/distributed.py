@@ -80,8 +80,34 @@ def init_from_environment() -> bool:
         return False
     if not dist.is_initialized():
         timeout = timeout_from_environment()
+        if torch.cuda.is_available():  # one GPU per rank: collectives on CUDA tensors go to this rank's device
+            torch.cuda.set_device(local_device())
         dist.init_process_group(backend_for(torch.cuda.is_available()), timeout=timeout)
     return is_distributed()
+
+
+def local_device() -> torch.device:
+    """This process's device: `cuda:LOCAL_RANK` (torchrun sets LOCAL_RANK) when CUDA is available, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"auto" (or None): `local_device()`; otherwise the named device, checked to exist."""
+    from prunekit.errors import ArgumentError
+
+    if device is None or device == "auto":
+        return local_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError("device", device, "auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("device", device, "auto or cpu: this machine has no CUDA device")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ArgumentError("device", device, "auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def is_writer() -> bool:

@@ -99,6 +99,19 @@ def embedding_agreement(reference: nn.Module, model: nn.Module, tokenizer: Any, 
     return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).mean())
 
 
+NLL_CHUNK = 128  # positions per log-softmax: a 49k-vocabulary window of 512 then needs 25 MiB at a time, not 100
+
+
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed next-token NLL of one window: `logits` (positions x vocabulary), `targets` the token that follows each
+    position. Computed in chunks of positions so the log-softmax never holds the whole window at once."""
+    total = 0.0
+    for start in range(0, logits.shape[0], NLL_CHUNK):
+        chunk = logits[start:start + NLL_CHUNK].float()
+        total += F.cross_entropy(chunk, targets[start:start + NLL_CHUNK], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -136,9 +149,9 @@ def perplexity(
     try:
         for chunk in tqdm(chunks, desc="perplexity", unit="window", disable=not progress, leave=False):
             tokens = chunk.unsqueeze(0).to(device)
-            logits = model(input_ids=tokens, use_cache=False).logits[0, :-1].float()
+            logits = model(input_ids=tokens, use_cache=False).logits[0, :-1]
             # Sum, not mean, per window: the overall mean is over all predicted tokens.
-            total += F.cross_entropy(logits, tokens[0, 1:], reduction="sum").item()
+            total += window_nll(logits, tokens[0, 1:])
             count += tokens.shape[1] - 1
     finally:
         model.train(was_training)

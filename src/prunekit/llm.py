@@ -47,7 +47,7 @@ class LLMSettings:
 
 def wanda_scores(weight_matrix: torch.Tensor, column_norm_sq: torch.Tensor) -> torch.Tensor:
     """Wanda (Sun et al. 2024): |W_ij| * ||X_j||_2, for an (outputs x inputs) weight."""
-    return weight_matrix.detach().abs().float() * column_norm_sq.sqrt().reshape(1, -1)
+    return weight_matrix.detach().abs().float() * column_norm_sq.to(weight_matrix.device).sqrt().reshape(1, -1)
 
 
 def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -246,7 +246,8 @@ def prune_linear(target: Target, stats: InputStats, settings: LLMSettings, spars
         weight.masked_fill_(~from_matrix(keep, target.kind, weight.shape), 0)
     else:
         n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
-        updated, keep = sparsegpt_prune(matrix, stats.hessian, sparsity, n, m, settings.blocksize, settings.dampening)
+        updated, keep = sparsegpt_prune(matrix, None, sparsity, n, m, settings.blocksize, settings.dampening,
+                                        factor=stats.inverse_factor(settings.dampening))
         weight.copy_(from_matrix(updated.to(weight.dtype), target.kind, weight.shape))
     return from_matrix(keep, target.kind, weight.shape)
 

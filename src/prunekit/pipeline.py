@@ -5,6 +5,7 @@ Every argument is checked before the model is loaded, and the output folder is w
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import time
@@ -60,6 +61,7 @@ def prune_language_model(
     checkpoint_dir: str | os.PathLike | None = None,
     evaluate: bool = True,
     out_of_core: bool = False,
+    device: str = "auto",
     progress: bool = True,
     log: Any = None,
     **options: Any,
@@ -68,13 +70,14 @@ def prune_language_model(
 
     With `out_of_core=True` the model is never loaded whole: blocks are read from its memory-mapped safetensors,
     pruned and written to `out` one at a time (see prunekit.streaming); the result is the same.
+    `device`: "auto" runs on this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else on the CPU.
     """
     from . import prune
     from .calibration import calibration_samples, load_text
     from .evaluate import perplexity
     from .export import check_destination, save_pretrained
     from .hf import check_sequence_length
-    from .distributed import init_from_environment, is_writer
+    from .distributed import init_from_environment, is_writer, resolve_device
     from .zoo import load_causal_lm
 
     recipe = get_method(method)
@@ -98,12 +101,15 @@ def prune_language_model(
         calib_text, eval_text = split_held_out(calib_text)
 
     log = log or (lambda message: None)
+    device = resolve_device(device)
     if out_of_core:
         return _prune_out_of_core(model, recipe.name, sparsity, pattern, calib_text, eval_text, n_samples, seq_len,
-                                  seed, out, overwrite, eval_tokens, window, evaluate, progress, log, options)
+                                  seed, out, overwrite, eval_tokens, window, evaluate, progress, log,
+                                  dict(options, device=device))
     log(f"loading {os.fspath(model)}")
     started = time.perf_counter()
     lm, tokenizer = load_causal_lm(model)
+    lm.to(device)
     load_seconds = time.perf_counter() - started
     check_sequence_length(lm, seq_len)
     samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
@@ -154,7 +160,7 @@ def _prune_out_of_core(model, method, sparsity, pattern, calib_text, eval_text, 
     from .calibration import calibration_samples
     from .evaluate import encode, tokenizer_adds_bos
     from .hf import check_sequence_length
-    from .streaming import prune_out_of_core, resolve_folder
+    from .streaming import prune_out_of_core, release_free_memory, resolve_folder
 
     folder = resolve_folder(model)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -166,6 +172,8 @@ def _prune_out_of_core(model, method, sparsity, pattern, calib_text, eval_text, 
         eval_ids = encode(tokenizer, eval_text)[:eval_tokens]
         bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
     del tokenizer  # the pruned folder gets the tokenizer's files copied as they are; its memory is not needed
+    gc.collect()
+    release_free_memory()
     log(f"pruning {folder} out of core with {method}; {len(samples)} calibration samples of {seq_len} tokens")
     started = time.perf_counter()
     summary: dict[str, Any] = {"model": os.fspath(model), "method": method, "pattern": pattern,

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -234,6 +233,7 @@ class WeightMover:
 
     model: nn.Module
     weights: SafetensorsWeights
+    device: torch.device = torch.device("cpu")
     tied: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -271,6 +271,7 @@ class WeightMover:
             if key not in read:  # tied tensors (head and embedding) are read once and shared
                 same_dtype = _DTYPES[self.weights.entries[key].dtype] == expected[name].dtype
                 read[key] = self.weights.view(key) if (same_dtype and not copy) else self.weights.read(key)
+                read[key] = read[key].to(self.device)  # a no-op on the CPU
             value = read[key]
             if tuple(value.shape) != tuple(expected[name].shape):
                 raise ModelError(f"{self.weights.folder}: tensor {name!r} has shape {tuple(value.shape)}, the config "
@@ -393,16 +394,18 @@ def head_nll(model: nn.Module, blocks: nn.ModuleList, template: Any, ids: torch.
     """Summed next-token NLL of one window whose last block produced `final`: the model's own forward runs with the
     blocks stood in for, so the final norm and head are applied exactly as in a whole-model forward."""
     from .calibration import _passthrough_like
+    from .evaluate import window_nll
 
     for block in blocks:
         block.forward = _passthrough_like(template)
     blocks[len(blocks) - 1].forward = _returning(template, final)
     try:
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        ids = ids.to(final.device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
     finally:
         for block in blocks:
             del block.forward
-    return float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    return window_nll(logits, ids[0, 1:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -497,6 +500,7 @@ def prune_out_of_core(
     bos_token_id: int | None = None,
     tokenizer: Any = None,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     overwrite: bool = False,
     resume: bool = True,
     extra: dict[str, Any] | None = None,
@@ -504,14 +508,14 @@ def prune_out_of_core(
 ) -> Report:
     """Prune the causal LM in folder `model` block by block from its memory-mapped safetensors and write the pruned
     model to `out` (a `save_pretrained` folder with one shard per block, plus prunekit.json) without ever holding
-    the whole model. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model.
+    the whole model. Each block is moved to `device` ("auto": this rank's GPU when CUDA is available) to be pruned. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model.
 
     With `eval_ids` (1-D token ids of held-out text), the report's extra holds the dense and pruned perplexities over
     non-overlapping windows of `eval_window` tokens, as `prunekit.evaluate.perplexity` computes them.
     """
     from . import llm
     from .calibration import BlockFeed, capture_block_inputs, check_samples
-    from .distributed import check_same_version, is_distributed, is_writer, rank_and_world, shard
+    from .distributed import check_same_version, is_distributed, is_writer, rank_and_world, resolve_device, shard
     from .evaluate import _windows
     from .export import check_destination, manifest_for
     from .hf import find_decoder_blocks
@@ -527,7 +531,7 @@ def prune_out_of_core(
     folder = resolve_folder(model)
     weights = SafetensorsWeights(folder)
     skeleton = empty_causal_lm(folder, dtype)
-    mover = WeightMover(skeleton, weights)
+    mover = WeightMover(skeleton, weights, device=resolve_device(device))
     prefix, blocks = find_decoder_blocks(skeleton)
     settings = llm._settings(skeleton, solver, sparsity, pattern, allocation, blocksize, dampening, owl_m, owl_lambda,
                              len(blocks))
@@ -586,6 +590,7 @@ def prune_out_of_core(
                      [h.clone() for h in captured_eval.hidden] if captured_eval else [],
                      list(captured_eval.hidden) if captured_eval else [], captured_eval.calls if captured_eval else [])
     mover.release(outer_names + block_names[0])
+    release_free_memory()
 
     sparsities = settings.sparsities
     ratios = saved.get("owl_outlier_ratios") if saved else None
@@ -615,6 +620,7 @@ def prune_out_of_core(
             state = skeleton.state_dict()
             write_shard(staging, shard_name(index + 2, total_shards), {n: state[n] for n in block_names[index]})
         mover.release(block_names[index])
+        release_free_memory()
         _save_progress(staging, index + 1, fingerprint, rows, ratios, stream, samples)
 
     if not writer:
@@ -642,12 +648,23 @@ def prune_out_of_core(
     report = _report(rows, method, settings, sparsity, apply="bake", extra=extra_info,
                      seconds=time.perf_counter() - started)
     _finish_folder(staging, skeleton, folder, tokenizer, total_shards, report)
+    for leftover in (PROGRESS_FILE, STATE_FILE):  # the checkpoint is not part of the result
+        (staging / leftover).unlink(missing_ok=True)
     files = {path.name: sha256_file(path) for path in sorted(staging.glob("*.safetensors"))}
     _write_json(staging / "prunekit.json", manifest_for(report, files, {"job": extra_info}))
-    for leftover in (PROGRESS_FILE, STATE_FILE):
-        (staging / leftover).unlink(missing_ok=True)
     move_into_place(staging, dest)
     return report
+
+
+def release_free_memory() -> None:
+    """Hand memory freed inside this process back to the system (glibc malloc_trim; a no-op elsewhere)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def limit_heap_fragmentation() -> bool:

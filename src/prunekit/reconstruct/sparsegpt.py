@@ -24,8 +24,12 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
     except torch.linalg.LinAlgError as exc:
         raise ModelError(f"the calibration Hessian is not positive definite even after dampening ({exc}); "
                          "raise dampening or use more calibration data") from None
+    del h  # each n x n float64 intermediate is freed as soon as the next exists: at most two at a time
     inverse = torch.cholesky_inverse(factor)
-    return torch.linalg.cholesky(inverse, upper=True).float(), dead
+    del factor
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float(), dead
 
 
 def _block_prune_counts(rows: int, cols: int, blocksize: int, sparsity: float) -> list[int]:
@@ -48,8 +52,12 @@ def sparsegpt_prune(
     m: int | None = None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    factor: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune an (outputs x inputs) weight with SparseGPT; returns (updated weight, keep-mask).
+
+    `factor`: `inverse_hessian_factor(hessian, dampening)` when already computed (layers sharing an input, such as
+    q/k/v, share it); `hessian` is then not read.
 
     Unstructured: exactly round(sparsity * numel) weights are removed. N:M (n kept of every m inputs): m must divide
     blocksize so groups never straddle a block.
@@ -58,9 +66,10 @@ def sparsegpt_prune(
     # OBS updates below touch contiguous memory (several times faster than strided column slices).
     wt = weight.detach().t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     cols, rows = wt.shape
-    hinv, dead = inverse_hessian_factor(hessian, dampening)
+    hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian, dampening)
+    hinv, dead = hinv.to(wt.device), dead.to(wt.device)
     wt[dead] = 0
-    pruned = torch.zeros(cols, rows, dtype=torch.bool)
+    pruned = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
     counts = _block_prune_counts(rows, cols, blocksize, sparsity) if n is None else None
 
     for b, start in enumerate(range(0, cols, blocksize)):
