@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 
 
+XTX_COLUMNS = 512
+
+
 class InputStats:
     """Running statistics of one layer's inputs over all calibration tokens."""
 
@@ -32,7 +35,10 @@ class InputStats:
         self.sum += x.sum(0, dtype=torch.float64)
         self.sum_sq += (x * x).sum(0, dtype=torch.float64)
         if self.xtx is not None:
-            self.xtx += (x.t() @ x).double()  # the product in float32 (fast), the running sum in float64
+            # The product in float32 (fast), the running sum in float64; a slice of columns at a time, so the
+            # temporary is features x 512 rather than a second features x features matrix in each precision.
+            for start in range(0, self.features, XTX_COLUMNS):
+                self.xtx[:, start:start + XTX_COLUMNS] += (x.t() @ x[:, start:start + XTX_COLUMNS]).double()
 
     def inverse_factor(self, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
         """SparseGPT's (upper Cholesky factor of the damped inverse Hessian, dead inputs), computed once per
@@ -41,7 +47,12 @@ class InputStats:
 
         cache = self.__dict__.setdefault("_factors", {})
         if dampening not in cache:
-            cache[dampening] = inverse_hessian_factor(self.hessian, dampening)
+            if self.xtx is None:
+                raise RuntimeError("this accumulator's X X^T was released after an inverse factor was computed")
+            # The factor is all the solver needs: X X^T becomes H in place and is then released (the largest
+            # matrix of a block's statistics, n x n in float64).
+            hessian, self.xtx = self.xtx.mul_(2.0 / max(self.tokens, 1)), None
+            cache[dampening] = inverse_hessian_factor(hessian, dampening, copy=False)
         return cache[dampening]
 
     def to(self, device: torch.device | str) -> "InputStats":
@@ -71,5 +82,6 @@ class InputStats:
     def hessian(self) -> torch.Tensor:
         """H = 2 X X^T / n, the Hessian of the layer-wise squared error."""
         if self.xtx is None:
-            raise RuntimeError("this accumulator was created without hessian=True")
+            raise RuntimeError("this accumulator has no X X^T (created without hessian=True, or released once "
+                               "its inverse factor was computed)")
         return self.xtx * (2.0 / max(self.tokens, 1))

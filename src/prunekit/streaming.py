@@ -508,7 +508,8 @@ def prune_out_of_core(
 ) -> Report:
     """Prune the causal LM in folder `model` block by block from its memory-mapped safetensors and write the pruned
     model to `out` (a `save_pretrained` folder with one shard per block, plus prunekit.json) without ever holding
-    the whole model. Each block is moved to `device` ("auto": this rank's GPU when CUDA is available) to be pruned. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model.
+    the whole model. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model. Each block
+    is moved to `device` ("auto": this rank's GPU when CUDA is available) to be pruned.
 
     With `eval_ids` (1-D token ids of held-out text), the report's extra holds the dense and pruned perplexities over
     non-overlapping windows of `eval_window` tokens, as `prunekit.evaluate.perplexity` computes them.

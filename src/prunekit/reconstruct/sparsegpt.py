@@ -12,9 +12,12 @@ import torch
 from ..errors import ModelError
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of (H + damp*I)^-1, and the mask of dead inputs (never active in calibration)."""
-    h = hessian.double().clone()  # float64: the factorisation of a 576x576..4096x4096 H is ill-conditioned in fp32
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp*I)^-1, and the mask of dead inputs (never active in calibration).
+    copy=False lets a float64 `hessian` the caller no longer needs be damped in place (one n x n matrix less)."""
+    h = hessian.double()  # float64: the factorisation of a 576x576..4096x4096 H is ill-conditioned in fp32
+    if copy and h.data_ptr() == hessian.data_ptr():
+        h = h.clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     damp = dampening * torch.mean(torch.diagonal(h))
