@@ -264,7 +264,8 @@ def test_sparsegpt_owners_balance_the_solves():
     assert assign_owners([1.0, 5.0, 3.0, 3.0], 2) == [0, 0, 1, 1]  # costliest first, each to the least loaded
     assert assign_owners([2.0, 2.0], 3) == [0, 1]  # more ranks than groups: the last ranks idle
     assert assign_owners([], 2) == []
-    assert solve_cost(576, 1536) == 576**2 * (576 + 1536)
+    assert solve_cost(576, [1536]) == 576**2 * (576 + 1536)
+    assert solve_cost(576, [576, 192, 192]) == 576**3 + 576**2 * (576 + 192 + 192)  # one inverse for q/k/v
 
 
 def test_the_collective_timeout_comes_from_the_environment():

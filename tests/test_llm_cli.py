@@ -152,3 +152,28 @@ def test_cli_calibrates_from_a_dataset_folder_and_refuses_two_sources(tiny_lm_fo
                   "--calib-dataset", folder, "--out", tmp_path / "two", "-q")
     assert result.returncode == 2 and "--calib-dataset" in result.stderr and "not both" in result.stderr
     assert not (tmp_path / "two").exists()
+
+
+def test_cli_out_of_core_writes_the_in_memory_folder(tiny_lm_folder, tmp_path):
+    """`--out-of-core`: the same tensors, sparsity and perplexities as the in-memory job, in a sharded folder."""
+    from safetensors.torch import load_file
+
+    common = ["prune", tiny_lm_folder, "--method", "sparsegpt", "--sparsity", "0.5", "--n-samples", "4",
+              "--seq-len", "32", "--eval-tokens", "256", "--json", "-q"]
+    summaries = {}
+    for mode in ("memory", "ooc"):
+        result = _run(*common, "--out", tmp_path / mode, *(["--out-of-core"] if mode == "ooc" else []))
+        assert result.returncode == 0, result.stderr
+        summaries[mode] = json.loads(result.stdout)
+    for key in ("dense_perplexity", "pruned_perplexity"):
+        assert summaries["ooc"][key] == summaries["memory"][key]
+    tensors = {mode: {k: v for path in sorted((tmp_path / mode).glob("*.safetensors")) for k, v in load_file(path).items()}
+               for mode in ("memory", "ooc")}
+    assert set(tensors["ooc"]) == set(tensors["memory"])
+    assert all(torch.equal(tensors["ooc"][k], tensors["memory"][k]) for k in tensors["memory"])
+    assert (tmp_path / "ooc" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "ooc" / "tokenizer.json").is_file()
+    # a non-calibration method is refused by name before anything is written
+    result = _run("prune", tiny_lm_folder, "--method", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "m",
+                  "--out-of-core", "-q")
+    assert result.returncode == 2 and "method" in result.stderr and not (tmp_path / "m").exists()

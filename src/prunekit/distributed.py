@@ -186,14 +186,15 @@ def shared_input_groups(names: Sequence[str], stats: Mapping[str, InputStats]) -
     return list(groups.values())
 
 
-def solve_cost(inputs: int, outputs: int) -> float:
-    """Rough SparseGPT work for one layer: inverting the inputs x inputs Hessian, then sweeping it over the weight."""
-    return float(inputs) ** 2 * (inputs + outputs)
+def solve_cost(inputs: int, outputs: Sequence[int]) -> float:
+    """Rough SparseGPT work for one input group: inverting the inputs x inputs Hessian once (the layers of a group
+    share it), then sweeping it over each layer's weight (`outputs`: each layer's output count)."""
+    return float(inputs) ** 3 + sum(float(inputs) ** 2 * count for count in outputs)
 
 
-def _layer_cost(target: Target, accumulator: InputStats) -> float:
+def _group_cost(group: Sequence[Target], accumulator: InputStats) -> float:
     inputs = accumulator.features
-    return solve_cost(inputs, target.weight.numel() // inputs)
+    return solve_cost(inputs, [target.weight.numel() // inputs for target in group])
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:
@@ -241,7 +242,7 @@ def prune_on_owners(targets: Sequence[Target], stats: Mapping[str, InputStats],
     rank, world = rank_and_world()
     by_name = {t.name: t for t in targets}
     groups = shared_input_groups([t.name for t in targets], stats)
-    costs = [sum(_layer_cost(by_name[name], stats[name]) for name in group) for group in groups]
+    costs = [_group_cost([by_name[name] for name in group], stats[group[0]]) for group in groups]
     owners = assign_owners(costs, world)
     for group, owner in zip(groups, owners):
         reduce_to_owner(stats[group[0]], owner)

@@ -91,6 +91,9 @@ def prune_language_model(
     if out_of_core:
         if out is None:
             raise ArgumentError("out", None, "a folder: an out-of-core run writes the pruned model block by block")
+        from .streaming import check_streamed_method
+
+        check_streamed_method(recipe.name)
         if checkpoint_dir is not None:
             raise ArgumentError("checkpoint_dir", os.fspath(checkpoint_dir), "None with out_of_core (an out-of-core "
                                 "run resumes from its own staging folder beside `out`: rerun the same command)")

@@ -448,7 +448,7 @@ def _in_one_buffer(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     return hidden
 
 
-def _check_method(method: str) -> tuple[str, str]:
+def check_streamed_method(method: str) -> tuple[str, str]:
     if method not in STREAMED_METHODS:
         raise ArgumentError("method", method, "one of " + ", ".join(STREAMED_METHODS) + " for out-of-core pruning "
                             "(the calibration methods; others need the whole model in memory)")
@@ -525,7 +525,7 @@ def prune_out_of_core(
     import time
 
     started = time.perf_counter()
-    solver, allocation = _check_method(method)
+    solver, allocation = check_streamed_method(method)
     limit_heap_fragmentation()
     dest = Path(out)
     check_destination(dest, overwrite)
