@@ -210,3 +210,25 @@ def test_two_gloo_ranks_stream_to_the_one_process_folder(tiny_folder, tmp_path):
     assert set(one) == set(two)
     assert all(torch.equal(one[k] != 0, two[k] != 0) for k in one)  # the same masks
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+
+
+def test_offloaded_activations_change_nothing_and_leave_no_file(tiny_folder, tmp_path):
+    streaming.prune_out_of_core(tiny_folder, _samples(), 0.5, tmp_path / "disk", method="owl-sparsegpt",
+                                eval_ids=_eval_ids(), eval_window=WINDOW, progress=False)
+    streaming.prune_out_of_core(tiny_folder, _samples(), 0.5, tmp_path / "ram", method="owl-sparsegpt",
+                                eval_ids=_eval_ids(), eval_window=WINDOW, offload_activations=False, progress=False)
+    disk, ram = _folder_tensors(tmp_path / "disk"), _folder_tensors(tmp_path / "ram")
+    assert set(disk) == set(ram) and all(torch.equal(disk[k], ram[k]) for k in disk)
+    manifests = [json.loads((tmp_path / name / "prunekit.json").read_text()) for name in ("disk", "ram")]
+    assert manifests[0]["extra"]["job"]["pruned_perplexity"] == manifests[1]["extra"]["job"]["pruned_perplexity"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "ram"]  # the activations file is gone
+
+
+def test_disk_activations_round_trip_samples_of_different_lengths(tmp_path):
+    shapes = [(1, 5, 8), (1, 3, 8), (1, 1000, 8)]
+    store = streaming.DiskActivations(shapes, torch.float32, tmp_path)
+    tensors = [torch.randn(shape) for shape in shapes]
+    views = [store.store(i, t) for i, t in enumerate(tensors)]
+    store.drop_all()
+    assert all(torch.equal(v, t) for v, t in zip(views, tensors))  # dropped pages read back from the file
+    assert list(tmp_path.iterdir()) == []  # unlinked at once

@@ -296,8 +296,12 @@ def _shared(call: BlockCall, known: dict[tuple, list[torch.Tensor]]) -> BlockCal
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], blocks: nn.ModuleList | None = None) -> CapturedInputs:
-    """Capture, per sample, the hidden states entering block 0 and every block's other arguments."""
+def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], blocks: nn.ModuleList | None = None,
+                         keep: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> CapturedInputs:
+    """Capture, per sample, the hidden states entering block 0 and every block's other arguments.
+
+    `keep(sample, hidden)` may store each sample's hidden states elsewhere (a file) and return what to hold instead.
+    """
     from prunekit.hf import find_decoder_blocks
 
     if blocks is None:
@@ -332,7 +336,8 @@ def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], bloc
                     f"{type(model).__name__}: decoder blocks {missing or [last]} were not called in the forward pass; "
                     "block-by-block calibration needs every block on the forward path, once, in order"
                 )
-            result.hidden.append(record[0][0])
+            hidden_states = record[0][0]
+            result.hidden.append(keep(len(result.hidden), hidden_states) if keep else hidden_states)
             result.calls.append([_shared(record[i][1], known) for i in range(len(blocks))])
     finally:
         for handle in handles:

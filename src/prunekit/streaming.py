@@ -425,16 +425,91 @@ class _Stream:
 
 
 def _propagate(block: nn.Module, hidden: list[torch.Tensor], calls: list, index: int, desc: str,
-               progress: bool) -> None:
+               progress: bool, after: Callable[[int], None] | None = None) -> None:
     from .calibration import _check_finite, call_block
 
     for sample in tqdm(range(len(hidden)), desc=desc, disable=not progress, leave=False):
         output = call_block(block, hidden[sample], calls[sample][index])
+        _check_finite([output], f"block {index}")  # per sample: offloaded states are never all resident
         if output.shape == hidden[sample].shape and output.dtype == hidden[sample].dtype:
             hidden[sample].copy_(output)  # in place: the hidden states keep one allocation for the whole run
         else:
             hidden[sample] = output
-    _check_finite(hidden, f"block {index}")
+        if after is not None:
+            after(sample)
+
+
+class DiskActivations:
+    """Calibration hidden states kept in a file this process maps, with one sample's pages resident at a time.
+
+    The file is unlinked as soon as it is mapped: nothing is left behind whatever happens, and its space is freed
+    when the mapping closes. Pages written through the shared mapping go to the page cache (written back to disk by
+    the kernel); `drop(sample)` takes that sample's pages out of this process after each use.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, folder: Path) -> None:
+        import mmap
+        import tempfile
+
+        sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.ends = [start + size for start, size in zip(self.starts, sizes)]
+        descriptor, name = tempfile.mkstemp(prefix=".prunekit-activations-", dir=folder)
+        try:
+            os.ftruncate(descriptor, max(1, sum(sizes)))
+            self._map = mmap.mmap(descriptor, max(1, sum(sizes)))  # MAP_SHARED: writes land in the file
+        finally:
+            os.close(descriptor)
+            os.unlink(name)
+        self.views = [torch.frombuffer(self._map, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
+                      for shape, start in zip(shapes, self.starts)]
+
+    def store(self, sample: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Write one sample's hidden states to the file; returns the view that now holds them."""
+        self.views[sample].copy_(tensor)
+        self.drop(sample)
+        return self.views[sample]
+
+    def drop(self, sample: int) -> None:
+        """Release this process's pages of one sample (the data stays in the file)."""
+        import mmap
+
+        start = self.starts[sample] // mmap.PAGESIZE * mmap.PAGESIZE
+        if hasattr(mmap, "MADV_DONTNEED") and self.ends[sample] > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, self.ends[sample] - start)
+
+    def drop_all(self) -> None:
+        for sample in range(len(self.views)):
+            self.drop(sample)
+
+
+def _activation_store(samples: Sequence[torch.Tensor], model: nn.Module, folder: Path,
+                      device: torch.device) -> DiskActivations | None:
+    """A file for the calibration hidden states (one (1, length, hidden) tensor per sample), or None on a GPU."""
+    if device.type != "cpu":
+        return None
+    hidden_size = model.config.get_text_config().hidden_size
+    dtype = next(model.parameters()).dtype
+    return DiskActivations([(1, int(ids.shape[-1]), hidden_size) for ids in samples], dtype, folder)
+
+
+class _DroppingFeed:
+    """A BlockFeed whose samples' pages are released after each use (see DiskActivations)."""
+
+    def __init__(self, feed, after: Callable[[int], None]) -> None:
+        self._feed, self._after = feed, after
+
+    def __len__(self) -> int:
+        return len(self._feed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._feed, name)
+
+    def run_sample(self, sample: int) -> torch.Tensor:
+        try:
+            return self._feed.run_sample(sample)
+        finally:
+            self._after(sample)
 
 
 def _in_one_buffer(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -503,6 +578,7 @@ def prune_out_of_core(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     resume: bool = True,
+    offload_activations: bool = True,
     extra: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> Report:
@@ -510,6 +586,9 @@ def prune_out_of_core(
     model to `out` (a `save_pretrained` folder with one shard per block, plus prunekit.json) without ever holding
     the whole model. Same masks and weights as `prunekit.prune(..., data=samples)` on the loaded model. Each block
     is moved to `device` ("auto": this rank's GPU when CUDA is available) to be pruned.
+
+    With `offload_activations` (the default), the calibration hidden states live in a file beside `out` (mapped,
+    unlinked at once, one sample resident at a time) instead of in memory; the results are the same.
 
     With `eval_ids` (1-D token ids of held-out text), the report's extra holds the dense and pruned perplexities over
     non-overlapping windows of `eval_window` tokens, as `prunekit.evaluate.perplexity` computes them.
@@ -583,11 +662,12 @@ def prune_out_of_core(
     mover.load(outer_names, copy=False)
     mover.load(block_names[0])
     with torch.no_grad(), mover.dropping_pages_after_forward(skeleton.get_input_embeddings(), outer_names):
-        captured = capture_block_inputs(skeleton, samples, blocks)
+        offload = _activation_store(samples, skeleton, dest.parent, mover.device) if offload_activations else None
+        captured = capture_block_inputs(skeleton, samples, blocks, keep=offload.store if offload else None)
         captured_eval = capture_block_inputs(skeleton, windows, blocks) if windows else None
     template = captured.template
     # Two separate copies of the evaluation windows: the dense and the pruned blocks each update theirs in place.
-    stream = _Stream(_in_one_buffer(captured.hidden), captured.calls,
+    stream = _Stream(captured.hidden if offload else _in_one_buffer(captured.hidden), captured.calls,
                      [h.clone() for h in captured_eval.hidden] if captured_eval else [],
                      list(captured_eval.hidden) if captured_eval else [], captured_eval.calls if captured_eval else [])
     mover.release(outer_names + block_names[0])
@@ -596,14 +676,17 @@ def prune_out_of_core(
     sparsities = settings.sparsities
     ratios = saved.get("owl_outlier_ratios") if saved else None
     if settings.allocation == "owl" and ratios is None:
-        ratios = _owl_pass(skeleton, blocks, block_names, mover, stream, targets, settings, progress)
+        ratios = _owl_pass(skeleton, blocks, block_names, mover, stream, targets, settings, progress,
+                           _activation_store(samples, skeleton, dest.parent, mover.device) if offload else None)
+        if offload:
+            offload.drop_all()  # the OWL pass copied every sample
         sparsities = llm.owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
     elif ratios is not None:
         sparsities = llm.owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
 
     rows: list[LayerSparsity] = [LayerSparsity(**row) for row in (saved or {}).get("layers", [])]
     if done:
-        _restore_hidden(staging, stream, samples, rank_and_world())
+        _restore_hidden(staging, stream, rank_and_world(), offload)
     for index in tqdm(range(done, len(blocks)), desc="blocks (out of core)", initial=done, total=len(blocks),
                       disable=not progress):
         block = blocks[index]
@@ -612,9 +695,10 @@ def prune_out_of_core(
             _propagate(block, stream.dense_eval, stream.eval_calls, index, f"block {index + 1} dense eval", progress)
             feed = BlockFeed(index, len(blocks), block, stream.calibration,
                              [calls[index] for calls in stream.calibration_calls], progress)
+            feed = _DroppingFeed(feed, offload.drop) if offload else feed
             llm.prune_block(feed, targets[index], settings, sparsities[index])
             _propagate(block, stream.calibration, stream.calibration_calls, index, f"block {index + 1} propagate",
-                       progress)
+                       progress, after=offload.drop if offload else None)
             _propagate(block, stream.pruned_eval, stream.eval_calls, index, f"block {index + 1} pruned eval", progress)
         rows += [layer_sparsity(t, settings.pattern.name) for t in targets[index]]
         if writer:
@@ -623,6 +707,8 @@ def prune_out_of_core(
         mover.release(block_names[index])
         release_free_memory()
         _save_progress(staging, index + 1, fingerprint, rows, ratios, stream, samples)
+        if offload:
+            offload.drop_all()  # the checkpoint just read every sample
 
     if not writer:
         return _report(rows, method, settings, sparsity, apply="bake", extra={"world_size": rank_and_world()[1]},
@@ -716,26 +802,30 @@ def _broadcast_object(value: Any) -> Any:
     return box[0]
 
 
-def _owl_pass(model, blocks, block_names, mover: WeightMover, stream: _Stream, targets, settings, progress) -> list[float]:
+def _owl_pass(model, blocks, block_names, mover: WeightMover, stream: _Stream, targets, settings, progress,
+              offload: DiskActivations | None = None) -> list[float]:
     """OWL's statistics-only pass over the dense blocks (each loaded and dropped again), on copies of the inputs."""
     from . import llm
     from .calibration import BlockFeed
     from .distributed import all_reduce_stats
     from .layout import to_matrix
 
-    hidden = [h.clone() for h in stream.calibration]
+    hidden = [offload.store(i, h) for i, h in enumerate(stream.calibration)] if offload else \
+        [h.clone() for h in stream.calibration]
     ratios = []
     for index in tqdm(range(len(blocks)), desc="OWL outlier ratios", disable=not progress):
         mover.load(block_names[index])
         with torch.no_grad():
             feed = BlockFeed(index, len(blocks), blocks[index], hidden,
                              [calls[index] for calls in stream.calibration_calls], progress)
+            feed = _DroppingFeed(feed, offload.drop) if offload else feed
             stats = llm.gather_stats(feed, {t.name: t.module for t in targets[index]}, hessian=False)
             all_reduce_stats(stats)
             scores = [llm.wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
                       for t in targets[index]]
             ratios.append(llm.outlier_ratio(torch.cat(scores), settings.owl_m))
-            _propagate(blocks[index], hidden, stream.calibration_calls, index, f"block {index + 1} OWL", progress)
+            _propagate(blocks[index], hidden, stream.calibration_calls, index, f"block {index + 1} OWL", progress,
+                       after=offload.drop if offload else None)
         mover.release(block_names[index])
     return ratios
 
@@ -756,15 +846,19 @@ def _save_progress(staging: Path, blocks_done: int, fingerprint, rows, ratios, s
     })
 
 
-def _restore_hidden(staging: Path, stream: _Stream, samples, rank_world) -> None:
-    from safetensors.torch import load_file
+def _restore_hidden(staging: Path, stream: _Stream, rank_world, offload: DiskActivations | None) -> None:
+    """Put the checkpoint's hidden states back into the stream, one tensor at a time."""
+    from safetensors import safe_open
 
     if rank_world[1] > 1:
         raise PruneError(f"{staging}: resuming an out-of-core run is for single-process runs; delete it to restart")
-    state = load_file(str(staging / STATE_FILE))
-    stream.calibration[:] = [state[f"calibration.{i}"] for i in range(len(stream.calibration))]
-    stream.dense_eval[:] = [state[f"dense_eval.{i}"] for i in range(len(stream.dense_eval))]
-    stream.pruned_eval[:] = [state[f"pruned_eval.{i}"] for i in range(len(stream.pruned_eval))]
+    with safe_open(str(staging / STATE_FILE), framework="pt") as state:
+        for sample, view in enumerate(stream.calibration):
+            view.copy_(state.get_tensor(f"calibration.{sample}"))
+            if offload:
+                offload.drop(sample)
+        for name, hidden in (("dense_eval", stream.dense_eval), ("pruned_eval", stream.pruned_eval)):
+            hidden[:] = [state.get_tensor(f"{name}.{i}") for i in range(len(hidden))]
 
 
 def _report(rows, method, settings, sparsity, apply, extra, seconds) -> Report:
