@@ -32,6 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ArgumentError, ModelError, PruneError
+from .merge.checkpoint import _CODES as SAFETENSORS_DTYPES
+from .merge.checkpoint import TensorInfo, safetensors_header, shard_names
 from .report import LayerSparsity, Report, layer_sparsity
 
 # method name -> (solver, allocation): the calibration methods of prunekit.llm
@@ -47,10 +49,17 @@ PROGRESS_VERSION = 1
 # --------------------------------------------------------------------------------------------------------------------
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# The merge engine's safetensors dtype codes, plus the float8 ones a model checkpoint may hold (read, then cast).
+_DTYPES = {**SAFETENSORS_DTYPES, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _release_pages(mapping, start: int, end: int) -> None:
+    """Take the pages of bytes [start, end) of a mapping out of this process (file data stays in the page cache)."""
+    import mmap
+
+    aligned = start // mmap.PAGESIZE * mmap.PAGESIZE  # madvise wants a page-aligned start
+    if end > aligned and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED, aligned, end - aligned)
 
 
 @dataclass(frozen=True)
@@ -157,27 +166,18 @@ class SafetensorsWeights:
 
     def drop_pages(self, key: str) -> None:
         """Tell the kernel this process no longer needs the mapped pages of `key` (they stay in the page cache)."""
-        import mmap
-
         entry = self.entries[key]
-        page = mmap.PAGESIZE
-        start = entry.start // page * page
-        length = entry.end - start
-        if length > 0 and hasattr(mmap, "MADV_DONTNEED"):
-            self._maps[entry.file].madvise(mmap.MADV_DONTNEED, start, length)
+        _release_pages(self._maps[entry.file], entry.start, entry.end)
 
     def copy_bytes(self, key: str, handle) -> None:
         """Write the tensor's raw bytes to an open file, a few MiB at a time, straight from the mapping."""
-        import mmap
-
         entry = self.entries[key]
         mapping = self._maps[entry.file]
-        chunk = 16 << 20  # a multiple of the page size
+        chunk = 16 << 20
         for offset in range(entry.start, entry.end, chunk):
-            handle.write(mapping[offset:min(offset + chunk, entry.end)])
-            aligned = offset // mmap.PAGESIZE * mmap.PAGESIZE  # drop what was just copied, not at the very end
-            if hasattr(mmap, "MADV_DONTNEED"):
-                mapping.madvise(mmap.MADV_DONTNEED, aligned, min(offset + chunk, entry.end) - aligned)
+            end = min(offset + chunk, entry.end)
+            handle.write(mapping[offset:end])
+            _release_pages(mapping, offset, end)  # drop what was just copied, not at the very end
 
     def fingerprint(self) -> str:
         """Names, shapes and dtypes of every tensor, plus the file sizes: tells one checkpoint from another cheaply."""
@@ -311,41 +311,31 @@ class WeightMover:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def shard_name(number: int, total: int) -> str:
-    """transformers' shard file name, e.g. model-00003-of-00031.safetensors."""
-    return f"model-{number:05d}-of-{total:05d}.safetensors"
-
-
-def write_safetensors(path: Path, items: Sequence[tuple[str, str, tuple[int, ...], int, Callable[[Any], None]]]) -> None:
+def write_safetensors(path: Path, items: Sequence[tuple[str, torch.dtype, tuple[int, ...], Callable[[Any], None]]]) -> None:
     """Write a safetensors file tensor by tensor, via a temp file and a rename (never half a file under `path`).
 
-    `items`: (name, dtype name such as "F32", shape, byte count, a function writing exactly those bytes to a file
-    handle). Nothing is gathered in memory first (safetensors' own save_file copies every tensor into one buffer).
+    `items`: (name, dtype, shape, a function writing exactly that tensor's bytes to a file handle); the header is the
+    merge engine's. Nothing is gathered in memory first (safetensors' own save_file copies every tensor into one
+    buffer).
     """
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, dtype_name, shape, size, _ in items:
-        header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+    header = safetensors_header([TensorInfo(name, path.name, dtype, tuple(shape)) for name, dtype, shape, _ in items],
+                                {name: dtype for name, dtype, _, _ in items}, {"format": "pt"})
     temp = path.with_name(f".{path.name}.tmp")
     with open(temp, "wb") as handle:
-        handle.write(len(encoded).to_bytes(8, "little"))
-        handle.write(encoded)
-        for _, _, _, _, write in items:
+        handle.write(header)
+        for _, _, _, write in items:
             write(handle)
     os.replace(temp, path)
 
 
-def _tensor_item(name: str, tensor: torch.Tensor) -> tuple[str, str, tuple[int, ...], int, Callable[[Any], None]]:
+def _tensor_item(name: str, tensor: torch.Tensor) -> tuple[str, torch.dtype, tuple[int, ...], Callable[[Any], None]]:
     tensor = tensor.detach().cpu().contiguous()
 
     def write(handle) -> None:
         if tensor.numel():
             handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
-    return name, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.numel() * tensor.element_size(), write
+    return name, tensor.dtype, tuple(tensor.shape), write
 
 
 def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -357,18 +347,16 @@ def write_shard_from_source(folder: Path, name: str, keys: dict[str, str], weigh
                             dtype: torch.dtype) -> None:
     """A shard of tensors copied from the source checkpoint (`keys`: output name -> source name) in `dtype`, written
     tensor by tensor: tensors already in `dtype` go byte for byte from the mapping, never whole in memory."""
-    target = _DTYPE_NAMES[dtype]
     items = []
     for out_key, source_key in keys.items():
         entry = weights.entries[source_key]
-        if entry.dtype == target or not _DTYPES[entry.dtype].is_floating_point:
-            size = entry.end - entry.start
-            items.append((out_key, entry.dtype, entry.shape, size,
+        stored = _DTYPES[entry.dtype]
+        if stored == dtype or not stored.is_floating_point:
+            items.append((out_key, stored, entry.shape,
                           lambda handle, key=source_key: weights.copy_bytes(key, handle)))
         else:
-            size = math.prod(entry.shape) * dtype.itemsize
-            items.append((out_key, target, entry.shape, size,
-                          lambda handle, key=source_key: _tensor_item(key, weights.read(key).to(dtype))[4](handle)))
+            items.append((out_key, dtype, entry.shape,
+                          lambda handle, key=source_key: _tensor_item(key, weights.read(key).to(dtype))[3](handle)))
     write_safetensors(folder / name, items)
 
 
@@ -472,11 +460,7 @@ class DiskActivations:
 
     def drop(self, sample: int) -> None:
         """Release this process's pages of one sample (the data stays in the file)."""
-        import mmap
-
-        start = self.starts[sample] // mmap.PAGESIZE * mmap.PAGESIZE
-        if hasattr(mmap, "MADV_DONTNEED") and self.ends[sample] > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, self.ends[sample] - start)
+        _release_pages(self._map, self.starts[sample], self.ends[sample])
 
     def drop_all(self) -> None:
         for sample in range(len(self.views)):
@@ -703,7 +687,7 @@ def prune_out_of_core(
         rows += [layer_sparsity(t, settings.pattern.name) for t in targets[index]]
         if writer:
             state = skeleton.state_dict()
-            write_shard(staging, shard_name(index + 2, total_shards), {n: state[n] for n in block_names[index]})
+            write_shard(staging, shard_names(total_shards)[index + 1], {n: state[n] for n in block_names[index]})
         mover.release(block_names[index])
         release_free_memory()
         _save_progress(staging, index + 1, fingerprint, rows, ratios, stream, samples)
@@ -723,7 +707,7 @@ def prune_out_of_core(
                 total = sum(head_nll(skeleton, blocks, template, ids, final) for ids, final in zip(windows, finals))
                 perplexities[label] = math.exp(total / sum(w.shape[1] - 1 for w in windows))
         mover.release(outer_names)
-    write_shard_from_source(staging, shard_name(1, total_shards),
+    write_shard_from_source(staging, shard_names(total_shards)[0],
                             {name: mover.source_key(name) for name in outer_names if name not in mover.tied},
                             weights, dtype)
 
@@ -882,8 +866,7 @@ def _finish_folder(staging: Path, skeleton: nn.Module, source: Path, tokenizer: 
         tokenizer.save_pretrained(staging)
     copy_auxiliary_files(source, staging)
     weight_map, total_size = {}, 0
-    for number in range(1, total_shards + 1):
-        name = shard_name(number, total_shards)
+    for name in shard_names(total_shards):
         with safe_open(str(staging / name), framework="pt") as handle:
             for key in handle.keys():
                 weight_map[key] = name

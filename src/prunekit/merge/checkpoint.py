@@ -99,7 +99,7 @@ class Checkpoint:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _header(infos: Sequence[TensorInfo], dtypes: Mapping[str, torch.dtype], metadata: Mapping[str, str]) -> bytes:
+def safetensors_header(infos: Sequence[TensorInfo], dtypes: Mapping[str, torch.dtype], metadata: Mapping[str, str]) -> bytes:
     """A safetensors header: every tensor's dtype, shape and byte range, padded to 8 bytes."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
@@ -142,7 +142,7 @@ class ShardWriter:
         self.path, self.dtypes = path, dtypes
         self._expected: Iterator[TensorInfo] = iter(infos)
         self._handle = open(path, "wb")
-        self._handle.write(_header(infos, dtypes, metadata))
+        self._handle.write(safetensors_header(infos, dtypes, metadata))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor's bytes (it must be the next one in the header, with its shape)."""
