@@ -355,11 +355,13 @@ def capture_block_inputs(model: nn.Module, samples: Sequence[torch.Tensor], bloc
 class BlockFeed:
     """What a `process_block` callback gets to run its block over the stored calibration samples."""
 
-    def __init__(self, index: int, total: int, block: nn.Module, inputs: list[torch.Tensor], calls: list[BlockCall], progress: bool) -> None:
+    def __init__(self, index: int, total: int, block: nn.Module, inputs: list[torch.Tensor], calls: list[BlockCall],
+                 progress: bool, after_sample: Callable[[int], None] | None = None) -> None:
         self.index, self.total, self.block = index, total, block
         self.inputs = inputs  # the hidden states entering this block, one (1, seq, hidden) tensor per sample
         self.calls = calls
         self.progress = progress
+        self.after_sample = after_sample  # called with each sample's index once it has run (e.g. to free its pages)
 
     def __len__(self) -> int:
         """Number of calibration samples."""
@@ -367,7 +369,11 @@ class BlockFeed:
 
     def run_sample(self, sample: int) -> torch.Tensor:
         """Run the block on one sample (hooks on the block fire) and return its output hidden states."""
-        return call_block(self.block, self.inputs[sample], self.calls[sample])
+        try:
+            return call_block(self.block, self.inputs[sample], self.calls[sample])
+        finally:
+            if self.after_sample is not None:
+                self.after_sample(sample)
 
     @torch.no_grad()
     def run(self, keep_outputs: bool = False, desc: str = "calibrate") -> list[torch.Tensor] | None:

@@ -477,25 +477,6 @@ def _activation_store(samples: Sequence[torch.Tensor], model: nn.Module, folder:
     return DiskActivations([(1, int(ids.shape[-1]), hidden_size) for ids in samples], dtype, folder)
 
 
-class _DroppingFeed:
-    """A BlockFeed whose samples' pages are released after each use (see DiskActivations)."""
-
-    def __init__(self, feed, after: Callable[[int], None]) -> None:
-        self._feed, self._after = feed, after
-
-    def __len__(self) -> int:
-        return len(self._feed)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._feed, name)
-
-    def run_sample(self, sample: int) -> torch.Tensor:
-        try:
-            return self._feed.run_sample(sample)
-        finally:
-            self._after(sample)
-
-
 def _in_one_buffer(hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """The hidden states as views of one tensor when they share a shape (moved one by one: no second full copy)."""
     if len(hidden) < 2 or any(h.shape != hidden[0].shape or h.dtype != hidden[0].dtype for h in hidden):
@@ -678,8 +659,8 @@ def prune_out_of_core(
         with torch.no_grad():
             _propagate(block, stream.dense_eval, stream.eval_calls, index, f"block {index + 1} dense eval", progress)
             feed = BlockFeed(index, len(blocks), block, stream.calibration,
-                             [calls[index] for calls in stream.calibration_calls], progress)
-            feed = _DroppingFeed(feed, offload.drop) if offload else feed
+                             [calls[index] for calls in stream.calibration_calls], progress,
+                             after_sample=offload.drop if offload else None)
             llm.prune_block(feed, targets[index], settings, sparsities[index])
             _propagate(block, stream.calibration, stream.calibration_calls, index, f"block {index + 1} propagate",
                        progress, after=offload.drop if offload else None)
@@ -801,8 +782,8 @@ def _owl_pass(model, blocks, block_names, mover: WeightMover, stream: _Stream, t
         mover.load(block_names[index])
         with torch.no_grad():
             feed = BlockFeed(index, len(blocks), blocks[index], hidden,
-                             [calls[index] for calls in stream.calibration_calls], progress)
-            feed = _DroppingFeed(feed, offload.drop) if offload else feed
+                             [calls[index] for calls in stream.calibration_calls], progress,
+                             after_sample=offload.drop if offload else None)
             stats = llm.gather_stats(feed, {t.name: t.module for t in targets[index]}, hessian=False)
             all_reduce_stats(stats)
             scores = [llm.wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
