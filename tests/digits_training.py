@@ -1,22 +1,13 @@
 """Shared pieces of the training-time pruning tests: real digits split into train/test, seeded batch orders, a small
-MLP, and a module fixture that runs those tiny models on one intra-op thread."""
+MLP (the one-thread fixture those tiny models use is conftest.one_intra_op_thread)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 N_TRAIN, BATCH = 1024, 32  # 32 steps an epoch of real digits; an epoch takes ~20 ms on one thread
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine thread hand-offs cost 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def digits_split(n_test: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,13 +35,8 @@ training: {{epochs: 1, finetune_epochs: 1, batch_size: 32, lottery_rounds: 2}}
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the models are tiny and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the module (conftest.one_intra_op_thread): the models here are tiny.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def write_config(folder: Path, methods: str = "[lamp, snip-init, gradual-magnitude, lottery, structured-l2, dense]",

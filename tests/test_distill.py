@@ -16,13 +16,8 @@ from prunekit.distill import (DistillResult, accuracy, agreement, distill, disti
 from prunekit.errors import ArgumentError, ModelError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine thread hand-offs cost 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the module (conftest.one_intra_op_thread): the models here are tiny.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _batch(n: int = 6, classes: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

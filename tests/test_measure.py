@@ -12,13 +12,8 @@ from prunekit.measure import (CostReport, LatencyResult, batch_of, compare, cost
 from prunekit.nets import vit_tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine thread hand-offs cost 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the module (conftest.one_intra_op_thread): the models here are tiny.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def test_linear_macs_are_batch_times_in_times_out():

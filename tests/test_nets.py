@@ -28,13 +28,8 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine thread hand-offs cost 100x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One intra-op thread for the module (conftest.one_intra_op_thread): the models here are tiny.
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _seeded(factory, seed=0, **kwargs) -> nn.Module:

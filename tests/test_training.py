@@ -17,7 +17,9 @@ from prunekit.training import (FitResult, GradualPruning, LotteryTicket, PruneAt
                                prune_keeping_masks, sparse_soup_round)
 
 from prunekit.examples import accuracy  # noqa: E402
-from digits_training import _one_thread, batches_of, digits_split, mlp  # noqa: E402,F401 (_one_thread: an autouse fixture)
+from digits_training import batches_of, digits_split, mlp  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest: tiny models, one thread
 
 
 @pytest.fixture(scope="module")
