@@ -139,12 +139,11 @@ def smollm2():
     return load_causal_lm("smollm2-135m")
 
 
-def test_real_smollm2_pruned_cache_perplexity_and_generation(smollm2):
+def test_real_smollm2_pruned_cache_perplexity_and_generation(smollm2, one_thread):
     model, tokenizer = smollm2
     from pydoc_data.topics import topics
 
     ids = tokenizer(topics["assignment"][:600], return_tensors="pt").input_ids[0][:48]
-    torch.set_num_threads(1)
     dense_nll, count = kv.teacher_forced_nll(model, ids, prefix=8)
     half_nll, _ = kv.teacher_forced_nll(model, ids, kv.mustafar_cache(model, 0.5), prefix=8)
     windowed_nll, _ = kv.teacher_forced_nll(model, ids, kv.mustafar_cache(model, 0.5, window=16), prefix=8)

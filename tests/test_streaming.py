@@ -198,11 +198,10 @@ def _streaming_rank(rank: int, world: int, init_file: str, folder: str, out: str
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_stream_to_the_one_process_folder(tiny_folder, tmp_path):
+def test_two_gloo_ranks_stream_to_the_one_process_folder(tiny_folder, tmp_path, one_thread):
     """Out of core under torch.distributed: every rank streams the blocks, rank 0 alone writes the same folder."""
     import torch.multiprocessing as mp
 
-    torch.set_num_threads(1)
     streaming.prune_out_of_core(tiny_folder, _samples(), 0.5, tmp_path / "one", method="wanda", progress=False)
     mp.spawn(_streaming_rank, args=(2, str(tmp_path / "init"), str(tiny_folder), str(tmp_path / "two")), nprocs=2,
              join=True)
