@@ -1,10 +1,18 @@
-"""Score oracles: SynFlow conservation, SNIP/Taylor/GraSP against hand-written autograd, random determinism."""
+"""Score oracles: SynFlow conservation, Taylor (per-batch squares), SNIP (one batch, normalised), GraSP against
+hand-written autograd, random determinism."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import prunekit
 from helpers import cnn_batch, same_state, small_cnn, small_mlp, state_copy
+from prunekit import masks
+from prunekit.errors import ArgumentError, ModelError
+from prunekit.graph.importance import gradient_group_scores
+from prunekit.graph.prune import prune_structured
+from prunekit.graph.trace import build_graph
 from prunekit.scores import SCORES, ScoreContext
 from prunekit.scores.synflow import synaptic_flow
 from prunekit.selection import select
@@ -22,7 +30,7 @@ def test_synflow_per_layer_scores_sum_to_R():
     scores, total = synaptic_flow(model, names, torch.randn(3, 12))
     assert total > 0
     for s in scores:
-        assert float(s.sum()) == __import__("pytest").approx(total, rel=1e-9)
+        assert float(s.sum()) == pytest.approx(total, rel=1e-9)
 
 
 def test_synflow_is_data_free_and_leaves_model_untouched():
@@ -42,36 +50,157 @@ def _manual_grads(model, x, y):
     return weights, torch.autograd.grad(loss, weights)
 
 
-def test_snip_and_taylor_are_abs_grad_times_weight():
+def _signed_loss(output, y):
+    # linear in the output, so flipping the label's sign flips the gradient exactly
+    return (output * y.reshape(-1, 1)).sum()
+
+
+def _opposite_batches():
+    x = torch.tensor([[1.0, 2.0]])
+    return [(x, torch.tensor([1.0])), (x, torch.tensor([-1.0]))]
+
+
+def test_taylor_squares_per_batch_so_opposite_gradients_do_not_cancel():
+    # Molchanov et al. 2019: I = mean_b (w g_b)^2. Two batches with g_2 = -g_1: mean-then-abs gives exactly 0.
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -3.0]]))
+    batches = _opposite_batches()
+    g1 = torch.tensor([[1.0, 2.0]])  # d(w.x * y)/dw = x * y
+    w = model.weight.detach()
+    assert torch.equal((w * (g1 + -g1) / 2).abs(), torch.zeros(1, 2))  # the old rule: noise-free zero
+    (score,) = SCORES["taylor"](_ctx(model, data=batches, n_batches=2, loss_fn=_signed_loss))
+    assert (score > 0).all()
+    torch.testing.assert_close(score, (w * g1) ** 2, rtol=0, atol=0)  # [[0.25, 36]]
+
+
+def test_taylor_second_order_is_the_empirical_fisher_form():
+    # Eq. 4 of Molchanov et al. 2019 with diag H ~ F = mean_b g_b^2: I = mean_b (w g_b - F w^2 / 2)^2
+    model = nn.Linear(2, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -3.0]], dtype=torch.float64))
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    batches = [(x, torch.tensor([1.0], dtype=torch.float64)), (x, torch.tensor([-0.5], dtype=torch.float64))]
+    w = model.weight.detach()
+    g = [x * 1.0, x * -0.5]
+    fisher = (g[0] ** 2 + g[1] ** 2) / 2
+    expected = sum((w * gb - 0.5 * fisher * w**2) ** 2 for gb in g) / 2
+    (score,) = SCORES["taylor"](_ctx(model, data=batches, n_batches=2, loss_fn=_signed_loss,
+                                     options={"taylor_order": 2}))
+    torch.testing.assert_close(score.double(), expected, rtol=1e-6, atol=0)
+    (first,) = SCORES["taylor"](_ctx(model, data=batches, n_batches=2, loss_fn=_signed_loss))
+    assert not torch.allclose(first.double() / first.sum(), score.double() / score.sum())  # not order 1 rescaled
+
+
+def test_taylor_rejects_an_unknown_order():
     model = small_cnn()
-    x, y = cnn_batch()
-    weights, grads = _manual_grads(model, x, y)
-    snip = SCORES["snip"](_ctx(model, data=(x, y)))
-    taylor = SCORES["taylor"](_ctx(model, data=(x, y)))
-    for w, g, s, t in zip(weights, grads, snip, taylor):
-        torch.testing.assert_close(s, (w * g).abs().detach())
-        torch.testing.assert_close(t, (w * g).abs().detach())
-    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+    with pytest.raises(ArgumentError, match="taylor_order=3"):
+        SCORES["taylor"](_ctx(model, data=cnn_batch(), options={"taylor_order": 3}))
 
 
-def test_taylor_second_order_adds_curvature_term():
-    model = small_cnn()
-    x, y = cnn_batch()
-    weights, grads = _manual_grads(model, x, y)
-    scores = SCORES["taylor"](_ctx(model, data=(x, y), options={"taylor_order": 2}))
-    for w, g, s in zip(weights, grads, scores):
-        wg = (w * g).detach()
-        torch.testing.assert_close(s, (-wg + 0.5 * wg**2).abs())
-
-
-def test_taylor_averages_over_batches():
+def test_taylor_matches_per_batch_autograd_on_a_cnn():
     model = small_cnn()
     batches = [cnn_batch(seed=s) for s in (1, 2)]
     weights, g1 = _manual_grads(model, *batches[0])
     _, g2 = _manual_grads(model, *batches[1])
     scores = SCORES["taylor"](_ctx(model, data=batches, n_batches=2))
     for w, a, b, s in zip(weights, g1, g2, scores):
-        torch.testing.assert_close(s, (w * (a + b) / 2).abs().detach())
+        torch.testing.assert_close(s, (((w * a) ** 2 + (w * b) ** 2) / 2).detach(), rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())  # .grad untouched
+
+
+def test_snip_is_normalised_sensitivity_on_one_batch():
+    # Lee et al. 2019: s_j = |g_j w_j| / sum_k |g_k w_k| over every weight considered
+    model = small_cnn()
+    x, y = cnn_batch()
+    weights, grads = _manual_grads(model, x, y)
+    scores = SCORES["snip"](_ctx(model, data=[(x, y), cnn_batch(seed=2)]))  # a list: only the first batch
+    total = sum(float((w * g).detach().abs().sum()) for w, g in zip(weights, grads))
+    assert sum(float(s.double().sum()) for s in scores) == pytest.approx(1.0, rel=1e-6)
+    for w, g, s in zip(weights, grads, scores):
+        torch.testing.assert_close(s, (w * g).abs().detach() / total, rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_snip_refuses_more_than_one_batch():
+    model = small_cnn()
+    with pytest.raises(ArgumentError, match="n_batches=2"):
+        SCORES["snip"](_ctx(model, data=[cnn_batch(seed=1), cnn_batch(seed=2)], n_batches=2))
+
+
+def _mask_of(method, batches, n_batches):
+    model = small_cnn()
+    prunekit.prune(model, method, 0.5, data=batches, n_batches=n_batches)
+    return [m.clone() for _, _, _, m in masks.masked_modules(model)]
+
+
+def test_taylor_and_snip_give_different_masks_over_several_batches():
+    batches = [cnn_batch(seed=s) for s in (1, 2, 3, 4)]
+    snip = _mask_of("snip", batches, 1)
+    taylor = _mask_of("taylor", batches, 4)
+    assert any(not torch.equal(a, b) for a, b in zip(snip, taylor))
+    # on the one batch SNIP sees, (w g)^2 and |w g| rank alike: the methods differ by the batch rule only
+    assert all(torch.equal(a, b) for a, b in zip(snip, _mask_of("taylor", batches, 1)))
+
+
+class _WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("name", ["taylor", "snip", "grasp"])
+def test_a_weight_without_gradient_is_an_error_naming_it(name):
+    model = _WithUnused()
+    with pytest.raises(ModelError, match=r"unused\.weight"):
+        SCORES[name](_ctx(model, data=(torch.randn(5, 4), torch.randint(0, 3, (5,)))))
+
+
+def _hidden_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[0].bias.fill_(5.0)  # every hidden unit active on the test input
+    (group,) = build_graph(model, torch.randn(1, 2)).groups
+    return model, group
+
+
+def test_structured_taylor_squares_the_group_sum_per_batch():
+    # Molchanov et al. 2019 for a group: mean_b (sum over the unit's parameters of w g_b)^2
+    model, group = _hidden_group()
+    batches = [(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0])), (torch.tensor([[1.0, 2.0]]), torch.tensor([-1.0]))]
+    x, y = batches[0]
+    params = [model[0].weight, model[0].bias, model[2].weight]
+    g = torch.autograd.grad(_signed_loss(model(x), y), params)
+    unit_sum = ((params[0] * g[0]).sum(1) + params[1] * g[1] + (params[2] * g[2]).sum(0)).detach().double()
+    (score,) = gradient_group_scores(model, [group], "taylor", {}, batches, _signed_loss, 2)
+    assert (score > 0).all()  # mean-then-abs would give exactly 0: g_2 = -g_1
+    torch.testing.assert_close(score, unit_sum**2, rtol=1e-6, atol=0)
+
+
+def _random_batches():
+    generator = torch.Generator().manual_seed(3)
+    return [(torch.randn(6, 2, generator=generator), torch.randn(6, generator=generator)) for _ in range(2)]
+
+
+def test_structured_taylor_leaves_grad_and_requires_grad_untouched():
+    model, group = _hidden_group()
+    generator = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    model[2].weight.requires_grad_(False)  # a frozen layer stays frozen
+    saved = {n: p.grad.clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    gradient_group_scores(model, [group], "taylor", {}, _random_batches(), _signed_loss, 2)
+    assert all(torch.equal(p.grad, saved[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    prune_structured(model, torch.randn(1, 2), 0.5, score="taylor", data=_random_batches(), loss_fn=_signed_loss,
+                     n_batches=2)
+    assert not model[2].weight.requires_grad
 
 
 def test_grasp_is_weight_times_hessian_gradient_product():

@@ -28,7 +28,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "finetune_lr": 1e-3,  # the learning rate of the last finetune_epochs, for every method alike
     "optimizer": "adam",
     "weight_decay": 0.0,
-    "calibration_batches": 4,  # batches for data-driven scores (SNIP, GraSP, Taylor, ...)
+    "calibration_batches": 4,  # batches for data-driven scores (GraSP, Taylor, ...; SNIP scores the first only)
     "lottery_rounds": 3,  # iterative magnitude pruning rounds; each prunes 1 - (1 - s)^(1/rounds) of the rest
     "structured_budget": "uniform",
 }

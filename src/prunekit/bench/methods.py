@@ -73,12 +73,17 @@ class CellContext:
 CallbackFactory = Callable[[nn.Module, float, CellContext], PruningCallback]
 
 
+def _batches_for(method: str, calibration: list) -> int:
+    """Every calibration batch, except for SNIP, which scores exactly one minibatch (Lee et al. 2019)."""
+    return 1 if method == "snip" else len(calibration)
+
+
 def _at_init(method: str) -> CallbackFactory:
     """PruneAtInit with `method`, given the calibration batches and the input example every method gets."""
     def make(model: nn.Module, sparsity: float, ctx: CellContext) -> PruningCallback:
         calibration = ctx.calibration
-        return PruneAtInit(model, method, sparsity, data=calibration, n_batches=len(calibration), seed=ctx.seed,
-                           example_inputs=ctx.example)
+        return PruneAtInit(model, method, sparsity, data=calibration, n_batches=_batches_for(method, calibration),
+                           seed=ctx.seed, example_inputs=ctx.example)
     return make
 
 
@@ -254,7 +259,7 @@ def _one_shot(method: str, sparsity: float, ctx: CellContext) -> CellOutcome:
 
     model = ctx.dense_trained()
     calibration = ctx.calibration
-    options = {"data": calibration, "n_batches": len(calibration), "example_inputs": ctx.example,
+    options = {"data": calibration, "n_batches": _batches_for(method, calibration), "example_inputs": ctx.example,
                "seed": ctx.seed, **ctx.prune_options}
     model.eval()  # data-driven scores run forward passes: BatchNorm keeps its trained statistics
     prune(model, method, sparsity, **options)

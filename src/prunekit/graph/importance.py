@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from prunekit.errors import unknown_choice
+from prunekit.errors import ArgumentError, ModelError, unknown_choice
 from prunekit.graph.groups import Group, Member
 
 GroupScore = Callable[[nn.Module, Group, dict], torch.Tensor]
@@ -62,7 +62,8 @@ def l2_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
 
 
 def bn_scale_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
-    """Network slimming (Liu et al. 2017): |gamma| of the group's BatchNorm layers; L2 norm where there are none."""
+    """Network slimming (Liu et al. 2017): |gamma| of the group's BatchNorm layers; a group without one is refused,
+    or scored by options["fallback"] (l1/l2) when the caller asked for that, with a note."""
     total = torch.zeros(group.size, dtype=torch.float64)
     found = False
     for member in group.members:
@@ -71,9 +72,24 @@ def bn_scale_score(model: nn.Module, group: Group, options: dict) -> torch.Tenso
             found = True
             total += per_unit(group, member, slices(module.weight, member).abs().sum(dim=1))
     if not found:
-        group.notes.append("no BatchNorm in this group: scored by group L2 norm instead of BN scale")
-        return l2_score(model, group, options)
+        return fallback_score(model, group, options, "bn-scale", "it has no BatchNorm")
     return total
+
+
+FALLBACKS = ("l1", "l2")
+
+
+def fallback_score(model: nn.Module, group: Group, options: dict, score: str, why: str) -> torch.Tensor:
+    """The substitute score the caller opted into with options["fallback"], noted on the group; else a clear error."""
+    fallback = options.get("fallback")
+    if fallback is None:
+        raise ArgumentError("score", score, f"a score that applies to every group: group {group.name!r} cannot be "
+                            f"scored by {score} ({why})", f"Pass fallback='l2' (CLI: --fallback l2) to score such "
+                            "groups by their group norm instead; the result's notes list them")
+    if fallback not in FALLBACKS:
+        raise unknown_choice("fallback", fallback, FALLBACKS)
+    group.notes.append(f"{why}: scored by group {fallback.upper()} norm instead of {score} (fallback={fallback!r})")
+    return norm_score(model, group, options, p=1 if fallback == "l1" else 2)
 
 
 def random_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
@@ -82,19 +98,71 @@ def random_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
     return torch.rand(group.size, generator=generator, dtype=torch.float64)
 
 
-def taylor_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
-    """First-order Taylor (Molchanov et al. 2019): |sum over the unit's parameters of w * dL/dw|.
+def parameter_key(member: Member) -> str:
+    """The qualified name of the tensor a member slices ("layer1.0.conv1.weight")."""
+    return f"{member.module}.{member.param}" if member.module else member.param
 
-    Gradients must already be accumulated in `.grad` (the pruner runs the calibration batches first).
+
+def taylor_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
+    """First-order Taylor of one batch (Molchanov et al. 2019): (sum over the unit's parameters of w * dL_b/dw)^2.
+
+    options["gradients"] holds that batch's gradients by parameter name; `gradient_group_scores` averages the
+    squares over batches, as the paper does (squaring first: the batch-mean gradient cancels at a minimum).
     """
+    gradients = options.get("gradients")
+    if gradients is None:
+        raise ArgumentError("score", "taylor", "a criterion that needs gradients: call it through "
+                            "prune_structured(..., data=...) or gradient_group_scores")
     total = torch.zeros(group.size, dtype=torch.float64)
     for member in group.members:
         tensor = member_tensor(model, member)
-        if not isinstance(tensor, nn.Parameter) or tensor.grad is None:
+        if not isinstance(tensor, nn.Parameter):
             continue  # buffers (running statistics) carry no gradient
-        product = slices(tensor * tensor.grad, member).sum(dim=1)
+        product = slices(tensor.detach().double() * gradients[parameter_key(member)].double(), member).sum(dim=1)
         total += per_unit(group, member, product)
-    return total.abs()
+    return total.pow(2)
+
+
+def _group_parameters(model: nn.Module, groups: list[Group]) -> dict[str, nn.Parameter]:
+    """Every parameter (not buffer) the groups' members slice, by qualified name."""
+    found: dict[str, nn.Parameter] = {}
+    for group in groups:
+        for member in group.members:
+            tensor = member_tensor(model, member)
+            if isinstance(tensor, nn.Parameter):
+                found.setdefault(parameter_key(member), tensor)
+    return found
+
+
+def gradient_group_scores(model: nn.Module, groups: list[Group], score: str, options: dict, data: Any,
+                          loss_fn: Callable | None, n_batches: int) -> list[torch.Tensor]:
+    """Score every group on each batch's own gradients, then average over the batches (higher = keep).
+
+    Gradients come from torch.autograd.grad, so the model's .grad fields and requires_grad flags are untouched.
+    """
+    from prunekit.scores.context import ScoreContext, batch_loss
+    from prunekit.scores.gradient import requiring_grad
+
+    function = get_score(score)
+    parameters = _group_parameters(model, groups)
+    names = list(parameters)
+    unique = list({id(p): p for p in parameters.values()}.values())  # tied weights: differentiate once
+    position = {id(p): i for i, p in enumerate(unique)}
+    totals = [torch.zeros(group.size, dtype=torch.float64) for group in groups]
+    count = 0
+    with requiring_grad(unique):
+        for batch in ScoreContext(model, [], data=data, loss_fn=loss_fn, n_batches=n_batches).batches():
+            grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), unique, allow_unused=True)
+            missing = [name for name in names if grads[position[id(parameters[name])]] is None]
+            if missing:
+                raise ModelError(f"score {score!r}: the loss gets no gradient from {', '.join(missing)} (the "
+                                 "forward pass does not use it), so its group cannot be scored; leave the module "
+                                 "out with ignore=[...]")
+            batch_options = {**options, "gradients": {n: grads[position[id(parameters[n])]].detach() for n in names}}
+            for total, group in zip(totals, groups):
+                total += function(model, group, batch_options)
+            count += 1
+    return [total / count for total in totals]
 
 
 def fpgm_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
@@ -114,8 +182,7 @@ def fpgm_score(model: nn.Module, group: Group, options: dict) -> torch.Tensor:
             continue
         parts.append(rows[order].reshape(group.size, -1))
     if not parts:
-        group.notes.append("no producing layer in this group: scored by group L2 norm instead of FPGM")
-        return l2_score(model, group, options)
+        return fallback_score(model, group, options, "fpgm", "it has no producing layer with one filter per unit")
     vectors = torch.cat(parts, dim=1).double()
     return torch.cdist(vectors, vectors).sum(dim=1)
 
@@ -139,7 +206,11 @@ def get_score(name: str) -> GroupScore:
 
 
 def register_score(name: str, function: GroupScore, needs_gradients: bool = False) -> None:
-    """Add a criterion (calibration-based methods register theirs)."""
+    """Add a criterion (calibration-based methods register theirs).
+
+    A criterion with needs_gradients scores one batch from options["gradients"] (dL_b/dw by parameter name);
+    prune_structured averages its scores over the batches.
+    """
     SCORES[name] = function
     if needs_gradients:
         NEEDS_GRADIENTS.add(name)

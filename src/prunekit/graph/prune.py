@@ -17,7 +17,7 @@ from torch import nn
 
 from prunekit.errors import ArgumentError, check_sparsity, unknown_choice
 from prunekit.graph.groups import DependencyGraph, Group
-from prunekit.graph.importance import NEEDS_GRADIENTS, get_score
+from prunekit.graph.importance import NEEDS_GRADIENTS, get_score, gradient_group_scores
 from prunekit.graph.surgery import Plan, apply_plan, merge_removals, plan_from_removals
 
 BUDGETS = ("uniform", "global", "macs", "latency")
@@ -154,15 +154,6 @@ def _check_options(ratio: Any, budget: str, target: Any, round_to: Any) -> None:
         raise ArgumentError("round_to", round_to, "a positive integer (widths are kept a multiple of it)")
 
 
-def _accumulate_gradients(model: nn.Module, data: Any, loss_fn: Any, n_batches: int) -> None:
-    from prunekit.scores.context import ScoreContext, batch_loss
-
-    context = ScoreContext(model, [], data=data, loss_fn=loss_fn, n_batches=n_batches)
-    model.zero_grad(set_to_none=True)
-    for batch in context.batches():
-        batch_loss(model, batch, loss_fn).backward()
-
-
 def is_transformers_model(model: nn.Module) -> bool:
     """A transformers PreTrainedModel (read by the adapter, not traced)."""
     try:
@@ -226,12 +217,11 @@ def prune_structured(
     if graph is None:
         graph = default_graph(model, example_inputs, barriers)
     groups, skipped = select_groups(graph, ignore)
-    if score in NEEDS_GRADIENTS:
-        _accumulate_gradients(model, data, loss_fn, n_batches)
     options = {"seed": seed}
-    scores = [get_score(score)(model, group, options) for group in groups]
     if score in NEEDS_GRADIENTS:
-        model.zero_grad(set_to_none=True)
+        scores = gradient_group_scores(model, groups, score, options, data, loss_fn, n_batches)
+    else:
+        scores = [get_score(score)(model, group, options) for group in groups]
     costs: dict[str, Any] = {}
     if measure_costs:
         from prunekit.measure import cost_report

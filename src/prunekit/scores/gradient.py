@@ -11,12 +11,16 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ArgumentError, ModelError
 from . import register_score
 from .context import ScoreContext, batch_loss
 
+TAYLOR_ORDERS = (1, 2)
+
 
 @contextlib.contextmanager
-def _requiring_grad(weights: list[torch.Tensor]) -> Iterator[None]:
+def requiring_grad(weights: list[torch.Tensor]) -> Iterator[None]:
+    """Let autograd differentiate `weights` for a while; their requires_grad flags are restored after."""
     flags = [w.requires_grad for w in weights]
     try:
         for w in weights:
@@ -27,44 +31,98 @@ def _requiring_grad(weights: list[torch.Tensor]) -> Iterator[None]:
             w.requires_grad_(flag)
 
 
-def _grad(loss: torch.Tensor, weights: list[torch.Tensor], create_graph: bool = False) -> list[torch.Tensor]:
+def _names(ctx: ScoreContext) -> list[str]:
+    return [f"{t.name}.{t.param_name}" if t.name else t.param_name for t in ctx.targets]
+
+
+def _grad(loss: torch.Tensor, weights: list[torch.Tensor], names: list[str], score: str,
+          create_graph: bool = False) -> list[torch.Tensor]:
+    """dloss/dw for every weight; a weight the loss does not reach is an error, not a zero score."""
     grads = torch.autograd.grad(loss, weights, allow_unused=True, create_graph=create_graph)
-    return [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
+    missing = [name for name, g in zip(names, grads) if g is None]
+    if missing:
+        raise ModelError(f"score {score!r}: the loss gets no gradient from {', '.join(missing)} (the forward pass "
+                         "does not use it), so it cannot be scored; leave it out with ignore=[...] or include=[...]")
+    return list(grads)
 
 
-def accumulated_gradients(ctx: ScoreContext, temperature: float = 1.0) -> list[torch.Tensor]:
-    """dL/dw summed over ctx.n_batches batches (averaged, so the scale does not depend on the count)."""
-    weights = ctx.weights()
-    total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-    count = 0
-    with _requiring_grad(weights):
+def batch_gradients(ctx: ScoreContext, score: str, temperature: float = 1.0) -> Iterator[list[torch.Tensor]]:
+    """dL_b/dw of each calibration batch b in turn (float32, detached), in target order."""
+    weights, names = ctx.weights(), _names(ctx)
+    with requiring_grad(weights):
         for batch in ctx.batches():
-            grads = _grad(batch_loss(ctx.model, batch, ctx.loss_fn, temperature), weights)
-            for acc, g in zip(total, grads):
-                acc += g.detach().float()
-            count += 1
+            loss = batch_loss(ctx.model, batch, ctx.loss_fn, temperature)
+            yield [g.detach().float() for g in _grad(loss, weights, names, score)]
+
+
+def accumulated_gradients(ctx: ScoreContext, score: str = "grasp", temperature: float = 1.0) -> list[torch.Tensor]:
+    """dL/dw averaged over ctx.n_batches batches (so the scale does not depend on the count)."""
+    total: list[torch.Tensor] | None = None
+    count = 0
+    for grads in batch_gradients(ctx, score, temperature):
+        total = grads if total is None else [acc + g for acc, g in zip(total, grads)]
+        count += 1
+    assert total is not None  # ctx.batches() raises when there is no batch
     return [g / count for g in total]
+
+
+def _gradient_moments(ctx: ScoreContext) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """mean_b g_b and mean_b g_b^2 (the empirical Fisher's diagonal), in float64 for the sums."""
+    first: list[torch.Tensor] | None = None
+    second: list[torch.Tensor] | None = None
+    count = 0
+    for grads in batch_gradients(ctx, "taylor"):
+        g64 = [g.double() for g in grads]
+        first = g64 if first is None else [a + g for a, g in zip(first, g64)]
+        second = [g * g for g in g64] if second is None else [a + g * g for a, g in zip(second, g64)]
+        count += 1
+    assert first is not None and second is not None
+    return [g / count for g in first], [g / count for g in second]
 
 
 @register_score("taylor", needs_data=True)
 def taylor(ctx: ScoreContext) -> list[torch.Tensor]:
-    """Taylor expansion of the loss change when a weight is removed (Molchanov et al. 2017/2019).
+    """Taylor importance of removing each weight, averaged over batches after squaring (Molchanov et al. 2019).
 
-    order 1: |w g|; order 2 adds the Fisher-approximated curvature term: |-w g + (w g)^2 / 2|.
+    The change of the loss when w_m is set to 0 is estimated per batch and squared, then averaged over the
+    n_batches batches (the paper's per-minibatch averaging); never |w mean_b g_b|, whose sign cancels across
+    batches at a minimum. taylor_order=1 (the paper's Eq. 3): I_m = mean_b (w_m g_bm)^2.
+    taylor_order=2 (Eq. 4, the Hessian's diagonal replaced by the empirical Fisher F_m = mean_b g_bm^2):
+    I_m = mean_b (w_m g_bm - F_m w_m^2 / 2)^2.
     """
     order = ctx.options.get("taylor_order", 1)
-    grads = accumulated_gradients(ctx)
+    if isinstance(order, bool) or order not in TAYLOR_ORDERS:
+        raise ArgumentError("taylor_order", order, "1 (first-order Taylor) or 2 (adds the empirical-Fisher curvature)")
+    mean_g, fisher = _gradient_moments(ctx)
     scores = []
-    for w, g in zip(ctx.weights(), grads):
-        wg = w.detach().float() * g
-        scores.append(wg.abs() if order == 1 else (-wg + 0.5 * wg**2).abs())
+    for w, g1, g2 in zip(ctx.weights(), mean_g, fisher):
+        w = w.detach().double()
+        first = w * w * g2  # mean_b (w g_b)^2
+        if order == 2:
+            # mean_b (w g_b - c)^2 = mean_b (w g_b)^2 - 2 c w mean_b g_b + c^2, with c = F w^2 / 2
+            c = 0.5 * g2 * w * w
+            first = (first - 2.0 * c * w * g1 + c * c).clamp_min(0.0)  # >= 0 exactly; clamp rounding only
+        scores.append(first.float())
     return scores
 
 
 @register_score("snip", needs_data=True)
 def snip(ctx: ScoreContext) -> list[torch.Tensor]:
-    """SNIP (Lee et al. 2019): connection sensitivity |g * w| on one batch at initialisation."""
-    return [(w.detach().float() * g).abs() for w, g in zip(ctx.weights(), accumulated_gradients(ctx))]
+    """SNIP (Lee et al. 2019): normalised connection sensitivity s_j = |g_j w_j| / sum_k |g_k w_k| on one batch.
+
+    The paper scores one minibatch at initialisation; the sum runs over every weight considered, so all scores
+    add up to 1. More than one batch is refused (use 'taylor' to average over batches).
+    """
+    if ctx.n_batches != 1:
+        raise ArgumentError("n_batches", ctx.n_batches, "1: SNIP scores exactly one minibatch (Lee et al. 2019)",
+                            "Use method 'taylor' to average gradient importance over several batches.")
+    (grads,) = list(batch_gradients(ctx, "snip"))
+    sensitivity = [(w.detach().double() * g.double()).abs() for w, g in zip(ctx.weights(), grads)]
+    total = sum(float(s.sum()) for s in sensitivity)
+    if not total > 0:
+        raise ModelError("score 'snip': every gradient times weight is zero on this batch (the loss does not "
+                         "depend on the chosen weights), so the sensitivities cannot be normalised")
+    return [(s / total).float() for s in sensitivity]
 
 
 @register_score("grasp", needs_data=True)
@@ -75,15 +133,19 @@ def grasp(ctx: ScoreContext) -> list[torch.Tensor]:
     a temperature (200 in the paper) so the Hessian is not dominated by saturated softmaxes.
     """
     temperature = ctx.options.get("grasp_temperature", 200.0)
-    weights = ctx.weights()
-    g_stop = [g.to(w.dtype) for g, w in zip(accumulated_gradients(ctx, temperature), weights)]
+    weights, names = ctx.weights(), _names(ctx)
+    g_stop = [g.to(w.dtype) for g, w in zip(accumulated_gradients(ctx, "grasp", temperature), weights)]
     hg = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     count = 0
-    with _requiring_grad(weights):
+    with requiring_grad(weights):
         for batch in ctx.batches():
-            grads = _grad(batch_loss(ctx.model, batch, ctx.loss_fn, temperature), weights, create_graph=True)
+            grads = _grad(batch_loss(ctx.model, batch, ctx.loss_fn, temperature), weights, names, "grasp",
+                          create_graph=True)
             z = sum((g * gs).sum() for g, gs in zip(grads, g_stop))
-            for acc, h in zip(hg, _grad(z, weights)):
-                acc += h.detach().float()
+            # every weight has a gradient (checked above); a None here means g does not depend on w: Hg = 0 exactly
+            second = torch.autograd.grad(z, weights, allow_unused=True)
+            for acc, h in zip(hg, second):
+                if h is not None:
+                    acc += h.detach().float()
             count += 1
     return [w.detach().float() * h / count for w, h in zip(weights, hg)]
