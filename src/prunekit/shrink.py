@@ -34,7 +34,7 @@ STRUCTURED_METHODS = (
     ("fpgm", "filters nearest the geometric median of their layer (the most replaceable)",
      "He et al. 2019, Filter Pruning via Geometric Median for Deep Convolutional Neural Networks Acceleration"),
     ("random", "uniformly random units (the baseline)", "Li et al. 2022, Revisiting Random Channel Pruning"),
-    ("taylor", "first-order Taylor |sum w dL/dw| per unit (Python API, needs data)",
+    ("taylor", "first-order Taylor (sum w dL/dw)^2 per unit and batch, averaged over batches (Python API, needs data)",
      "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning"),
     ("flap", "LLM heads and MLP neurons by fluctuation Var(X_j)||W_:,j||^2, global threshold, bias compensation",
      "An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models"),

@@ -29,12 +29,12 @@ register(Method(
     budget="lamp",
 ))
 register(Method(
-    "taylor", "first-order Taylor |w dL/dw| over calibration batches (taylor_order=2 adds curvature)",
+    "taylor", "Taylor (w dL/dw)^2 per calibration batch, averaged over n_batches (taylor_order=2: empirical-Fisher curvature)",
     "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning",
     score="taylor", budget="global",
 ))
 register(Method(
-    "snip", "connection sensitivity |g w| on one batch, at initialisation",
+    "snip", "normalised connection sensitivity |g w| / sum |g w| on exactly one batch, at initialisation",
     "Lee et al. 2019, SNIP: Single-shot Network Pruning based on Connection Sensitivity",
     score="snip", budget="global",
 ))
