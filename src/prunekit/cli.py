@@ -209,7 +209,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     before = _evaluate(loaded, "dense", log) if not args.no_eval else None
 
     log(f"pruning {loaded.name} with {args.method}")
-    options = {**loaded.prune_options, **_prune_kwargs(args)}
+    options = {**_preset_for(loaded.prune_options, args), **_prune_kwargs(args)}
     report = prune(loaded.model, args.method, args.sparsity, **options)
     report.extra.update(loaded.extra)
     if before is not None:
@@ -320,6 +320,16 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.is_dir() and not overwrite and any(out.iterdir()) and not is_prunekit_folder(out):
         raise ArgumentError("--out", str(out), "a new folder, an empty one, or an earlier prunekit save",
                             "It holds other files; pass --overwrite to replace the whole folder.")
+
+
+def _preset_for(preset: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A model's preset prune options with n_batches cut to 1 for a score defined on one minibatch (SNIP)."""
+    from .methods import get_method
+    from .scores import batches_for
+
+    if "n_batches" not in preset:
+        return preset
+    return {**preset, "n_batches": batches_for(args.score or get_method(args.method).score, preset["n_batches"])}
 
 
 def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:

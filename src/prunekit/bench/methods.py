@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError
+from ..scores import batches_for
 from ..training import GradualPruning, LotteryTicket, PruneAtInit, PruningCallback, fit
 from .tasks import ImageTask, build_model, example_inputs
 
@@ -73,17 +74,13 @@ class CellContext:
 CallbackFactory = Callable[[nn.Module, float, CellContext], PruningCallback]
 
 
-def _batches_for(method: str, calibration: list) -> int:
-    """Every calibration batch, except for SNIP, which scores exactly one minibatch (Lee et al. 2019)."""
-    return 1 if method == "snip" else len(calibration)
-
-
 def _at_init(method: str) -> CallbackFactory:
     """PruneAtInit with `method`, given the calibration batches and the input example every method gets."""
     def make(model: nn.Module, sparsity: float, ctx: CellContext) -> PruningCallback:
         calibration = ctx.calibration
-        return PruneAtInit(model, method, sparsity, data=calibration, n_batches=_batches_for(method, calibration),
-                           seed=ctx.seed, example_inputs=ctx.example)
+        n_batches = batches_for(method, len(calibration))  # "snip" names both the at-init method and its score
+        return PruneAtInit(model, method, sparsity, data=calibration, n_batches=n_batches, seed=ctx.seed,
+                           example_inputs=ctx.example)
     return make
 
 
@@ -256,10 +253,12 @@ def run_method(method: str, sparsity: float, ctx: CellContext) -> CellOutcome:
 def _one_shot(method: str, sparsity: float, ctx: CellContext) -> CellOutcome:
     from ..api import prune
     from ..examples import accuracy
+    from ..methods import METHODS
 
     model = ctx.dense_trained()
     calibration = ctx.calibration
-    options = {"data": calibration, "n_batches": _batches_for(method, calibration), "example_inputs": ctx.example,
+    score = ctx.prune_options.get("score") or METHODS[method].score
+    options = {"data": calibration, "n_batches": batches_for(score, len(calibration)), "example_inputs": ctx.example,
                "seed": ctx.seed, **ctx.prune_options}
     model.eval()  # data-driven scores run forward passes: BatchNorm keeps its trained statistics
     prune(model, method, sparsity, **options)

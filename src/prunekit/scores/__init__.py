@@ -15,6 +15,12 @@ from .context import ScoreContext
 ScoreFn = Callable[[ScoreContext], list[torch.Tensor]]
 SCORES: dict[str, ScoreFn] = {}
 DATA_FREE: set[str] = set()
+ONE_BATCH = frozenset({"snip"})  # defined on exactly one minibatch (Lee et al. 2019): n_batches > 1 is refused
+
+
+def batches_for(score: str, available: int) -> int:
+    """How many of a preset's `available` calibration batches `score` takes: all, or 1 where it is defined on one."""
+    return 1 if score in ONE_BATCH else available
 
 
 def register_score(name: str, needs_data: bool) -> Callable[[ScoreFn], ScoreFn]:
@@ -31,4 +37,4 @@ def register_score(name: str, needs_data: bool) -> Callable[[ScoreFn], ScoreFn]:
 
 from . import basic, gradient, synflow  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["SCORES", "DATA_FREE", "ScoreContext", "register_score"]
+__all__ = ["SCORES", "DATA_FREE", "ONE_BATCH", "ScoreContext", "batches_for", "register_score"]
