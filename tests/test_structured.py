@@ -224,7 +224,8 @@ def test_untraceable_module_is_named_and_can_be_marked_a_barrier():
         build_graph(model, x)
     graph = build_graph(model, x, barriers=["2"])
     assert any(b.where == "2" for b in graph.barriers)
-    assert graph.groups == [] or all("2.proj" not in g.modules() for g in graph.groups)
+    # '0' feeds only the barrier (its uses there are unknown), '3' is the output and '2.proj' is inside the barrier
+    assert graph.groups == []
     with pytest.raises(ArgumentError, match="barriers"):
         build_graph(model, x, barriers=["nope"])
 
@@ -268,7 +269,8 @@ def test_macs_target_is_met():
     dense = count_macs(model, x)
     prune_structured(model, x, budget="macs", target=0.5)
     after = count_macs(model, x)
-    assert after <= 0.5 * dense and after >= 0.3 * dense
+    # at most the target, and just under it: the search reaches 0.4994 of the dense MACs on this model
+    assert 0.49 * dense <= after <= 0.5 * dense
 
 
 def test_saved_structure_replays_on_a_fresh_instance(tmp_path):
