@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from prunekit.bench import load_config, read_results, run_bench  # noqa: E402
+from prunekit.bench.machine import describe_all  # noqa: E402
 from prunekit.bench.runner import write_text_atomic  # noqa: E402
 from prunekit.bench.tables import cell_stats, tables_markdown  # noqa: E402
 
 CONFIGS = ROOT / "benchmarks" / "configs"
 RESULTS = ROOT / "benchmarks" / "results" / "bench"
 MARKER = "bench-claims"
-MACHINE = "2-core AMD EPYC, 23.5 GiB, shared with other jobs; torch 2.13 CPU, one intra-op thread, nice 19"
 COMPLEX = ("lamp", "taylor", "snip", "grasp", "synflow", "snip-init", "grasp-init", "synflow-init")
 COMPETITIVE_POINTS = 0.01  # one accuracy point
 
@@ -109,8 +109,9 @@ def identical_methods(config, records) -> list[str]:
 
 def section(results: dict[str, tuple], date: str) -> str:
     """The BENCHMARKS.md section between the markers."""
+    machines = describe_all(r.get("machine") for _, records, _ in results.values() for r in records)
     out = [f"<!-- {MARKER}: start -->", "## Benchmark harness: two claims from the literature (`prunekit bench`)", "",
-           f"Machine: {MACHINE}. Date: {date}. Command: `.venv/bin/python benchmarks/bench_claims.py` (each grid is "
+           f"Machine: {machines}; one intra-op thread. Date: {date}. Command: `.venv/bin/python benchmarks/bench_claims.py` (each grid is "
            "`prunekit bench benchmarks/configs/<name>.yaml`; results.jsonl, tables.md and the self-contained "
            "report.html of each run are in `benchmarks/results/bench/<name>/`). Accuracy: test accuracy (%), "
            "mean ± std over the seeds; every method gets the same epochs, data order and seeds.", ""]

@@ -26,7 +26,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prunekit import data as D  # noqa: E402
+from prunekit.bench.machine import describe_all, machine_info  # noqa: E402
 from prunekit.data.train import SmallCNN, accuracy, penultimate, predict, train_steps  # noqa: E402
 from prunekit.datasets import load_fashion_mnist  # noqa: E402
 from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
@@ -156,15 +156,6 @@ def run_cell(method: str, keep: float, kd: bool, indices: np.ndarray, data: tupl
             "smallest_class_share": float(counts.min() / counts.sum())}
 
 
-def machine() -> str:
-    """CPU model, core count and memory, in words."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    mem = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal"))) / 2**20
-    return f"{os.cpu_count()}-core {model}, {mem:.1f} GiB, shared with other jobs"
-
-
 def _cell_text(cell: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
     """Accuracy, and the difference to random in points when there is a random cell to compare with."""
     if cell is None:
@@ -183,7 +174,7 @@ def render(records: list[dict[str, Any]], settings: dict[str, Any], scoring: dic
     passes = settings["teacher_steps"] * 128 / pool
     lines = [
         "## Dataset pruning (Fashion-MNIST)", "",
-        f"Machine: {machine()}. Date: {date}. torch {torch.__version__}, 1 thread.",
+        f"Machine: {describe_all(r.get('machine') for r in records)}. Date: {date}. 1 thread.",
         "Command: `nice -n 19 .venv/bin/python benchmarks/data_pruning.py` (then `--report-only` to write this)", "",
         f"SmallCNN of width {settings['width']} (2 conv + 2 linear). Pool: {pool:,} Fashion-MNIST training images "
         f"(a seeded random subset of the 60,000, to fit the shared machine). Scoring run and teacher: the whole pool, "
@@ -272,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                 [("full", 1.0)] + [(m, f) for f in args.fractions for m in (args.only or METHODS)]]
         from tqdm import tqdm
 
+        machine = machine_info()
         for method, keep, kd in tqdm(plan, desc="cells", unit="cell", file=sys.stderr):
             if (method, keep, kd) in done and not args.force:
                 continue
             indices = np.arange(len(y)) if method == "full" else subset_for(method, keep, scored, clustering, y,
                                                                              args.seed)
             record = run_cell(method, keep, kd, indices, data, teacher, args)
-            record.update(settings=settings, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"))
+            record.update(settings=settings, date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+                          machine=machine)
             append_record(results, record)
             records = [r for r in records if (r["method"], r["keep"], r["kd"]) != (method, keep, kd)] + [record]
             print(json.dumps({k: record[k] for k in ("method", "keep", "kd", "test_accuracy")}), file=sys.stderr)

@@ -31,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from prunekit.bench.machine import describe_all, machine_info  # noqa: E402
 
 DEFAULT_PATH = REPO / "runs" / "data_pruning_scale" / "embeddings.npy"
 RESULTS = REPO / "benchmarks" / "results" / "data_pruning_scale.jsonl"
@@ -130,18 +131,11 @@ def run_child(method: str, path: Path) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    """CPU model, core count and memory."""
-    from data_pruning import machine as describe
-
-    return describe()
-
-
 def render(records: dict[str, dict[str, Any]], generation: dict[str, Any], rows: int) -> str:
     """The BENCHMARKS.md section."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     lines = ["## Dataset pruning at scale (1,000,000 x 384 embeddings)", "",
-             f"Machine: {machine()}. Date: {date}. Command: "
+             f"Machine: {describe_all(r.get('machine') for r in records.values())}. Date: {date}. Command: "
              "`nice -n 19 .venv/bin/python benchmarks/data_pruning_scale.py` (each method in its own process).", "",
              f"Data: {rows:,} x {DIM} float32 ({rows * DIM * 4 / 2**30:.2f} GiB) in a memory-mapped .npy, synthetic: "
              f"{CENTRES:,} random unit centres plus Gaussian noise of a per-cluster scale, and "
@@ -220,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         generation = {"rows": args.rows,
                       "planted_duplicates": int(len(np.load(args.path.with_suffix(".duplicates.npy"))))}
     records: dict[str, dict[str, Any]] = {}
+    machine = machine_info()
     for method in args.only:
-        records[method] = run_child(method, args.path)
+        records[method] = {**run_child(method, args.path), "machine": machine}
         record = {**records[method], "dataset_rows": args.rows,
                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat()}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

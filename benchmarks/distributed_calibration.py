@@ -15,7 +15,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -63,13 +62,15 @@ def main() -> int:
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
     bin_dir = Path(sys.executable).parent
-    import torch
+    from prunekit.bench.machine import describe, machine_info, software
+
+    machine = machine_info()
 
     methods = " ".join(args.method)
     lines = [
         "## Distributed calibration (torch.distributed, gloo, 2 processes on one machine)", "",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; shared with other work. "
-        f"torch {torch.__version__}, gloo. Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        f"- Machine: {describe(machine)}; shared with other work. {software(machine)}, gloo. "
+        f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"- Command: `.venv/bin/python benchmarks/distributed_calibration.py --method {methods} --samples "
         f"{args.samples} --seq-len {args.seq_len}`: per method, `prunekit prune smollm2-135m --method M --sparsity 0.5"
         f" --n-samples {args.samples} --seq-len {args.seq_len} --no-eval` once as one process ({args.single_threads} threads) and once "
@@ -101,7 +102,7 @@ def main() -> int:
               "their work by thread count, and SparseGPT's sequential weight updates amplify last-bit differences "
               "into different masks in later blocks (measured earlier on this machine: a 2-thread single process vs "
               "2 one-thread ranks agreed on 137 of 272 tensors for SparseGPT, and on all 272 for Wanda). The 2 ranks "
-              "share the same 2 cores, so the speed-up measures data parallelism against one thread, not the gain "
+              f"share this machine's {machine['cores']} cores, so the speed-up measures data parallelism against one thread, not the gain "
               "of a second machine or GPU."]
     text = "\n".join(lines)
     print(text)

@@ -24,7 +24,6 @@ import fnmatch
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -60,6 +59,7 @@ WANDA_FLOOR_TARGET = 1.5
 if str(SRC) not in sys.path:  # run from a checkout: prunekit need not be installed in the venv
     sys.path.insert(0, str(SRC))
 
+from prunekit.bench.machine import machine_info  # noqa: E402
 from prunekit.io import sha256_file  # noqa: E402
 
 
@@ -345,44 +345,6 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Any], Pa
     return settings, model, calib
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
-    from importlib import metadata
-
-    versions = {}
-    for package in ("torch", "transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    commit = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=30).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
-                               text=True, timeout=30).stdout.strip()
-        if commit and dirty:
-            commit += " (with uncommitted changes under src/)"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "python": platform.python_version(),
-            "versions": versions, "commit": commit}
-
-
 def fmt_s(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f}"
 
@@ -620,7 +582,7 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
                      " Every run's \"x floor\" uses the floor of its own invocation.")
     if contended:
         lines.append(f"- Runs marked *contended* ran in an invocation whose floor took over {CONTENDED_FLOOR}x the "
-                     "fastest floor on the same CPU (the 2-core machine was busy with other jobs): their prune times are shown but not "
+                     "fastest floor on the same CPU (the machine was busy with other jobs): their prune times are shown but not "
                      "comparable, and get no \"x floor\"; their perplexity, sparsity and memory are unaffected.")
     dense = _ok(records, "dense")
     if dense:

@@ -302,13 +302,24 @@ def _versions() -> dict[str, str]:
             "mergekit": version(MERGEKIT_PY, "mergekit"), "mergekit_torch": version(MERGEKIT_PY, "torch")}
 
 
+def _machine_text(machine: Any) -> str:
+    """The machine a result file recorded (read from the machine by prunekit.bench.machine)."""
+    if isinstance(machine, dict):
+        sys.path.insert(0, str(REPO / "src"))
+        from prunekit.bench.machine import describe
+
+        return describe(machine)
+    return "not recorded (the result file predates reading it from the machine)"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The BENCHMARKS.md section."""
     lines = [
         f"<!-- {MARK}: start -->",
         "## Model merging: prunekit merge vs mergekit (all-MiniLM-L6-v2 + two real fine-tunes)",
         "",
-        f"Machine: {result['machine']}. Date: {result['date']}. Versions: torch {result['versions']['torch']}, "
+        f"Machine: {_machine_text(result.get('machine'))}. Date: {result['date']}. Versions: torch "
+        f"{result['versions']['torch']}, "
         f"transformers {result['versions']['transformers']}, mergekit {result['versions']['mergekit']} (torch "
         f"{result['versions']['mergekit_torch']}, its own virtualenv; run through `benchmarks/peers/mergekit_run.py`, "
         "which works around mergekit 0.1.5 crashing on BERT's optional `position_ids`).",
@@ -429,8 +440,10 @@ def main() -> int:
     darex = darex_experiment()
     for run in runs:
         run["cosine"] = {tool: cosine[f"{run['name']}.{tool}"] for tool in ("prunekit", "mergekit")}
+    from prunekit.bench.machine import machine_info  # darex_experiment put src/ on sys.path
+
     result = {
-        "machine": "2-core AMD EPYC, 23.5 GiB, shared", "date": _dt.date.today().isoformat(),
+        "machine": machine_info(), "date": _dt.date.today().isoformat(),
         "command": ".venv/bin/python benchmarks/merge_vs_mergekit.py" + "".join(
             f" --{flag} {value}" for flag, value, default in (("steps", args.steps, 200), ("batch", args.batch, 16),
                                                              ("tokens", args.tokens, 32), ("repeats", args.repeats, 3))

@@ -16,7 +16,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -96,7 +95,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--no-report", action="store_true", help="do not write BENCHMARKS.md")
     args = parser.parse_args()
-    import torch
+    from prunekit.bench.machine import describe, machine_info, software
+
+    machine = machine_info()  # before the runs: the load average it records is the one they start under
 
     _, floor_mib, _ = run(FLOOR, [])
     rows = []
@@ -118,8 +119,7 @@ def main() -> int:
     methods = " ".join(args.method)
     lines = [
         "## Out-of-core pruning (blocks streamed from memory-mapped safetensors)", "",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; torch {torch.__version__}. "
+        f"- Machine: {describe(machine)}; {software(machine)}. "
         f"Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"- Command: `.venv/bin/python benchmarks/out_of_core.py --method {methods} --samples {args.samples} "
         f"--seq-len {args.seq_len}`: per method `prunekit prune smollm2-135m --method M --sparsity 0.5 --n-samples "

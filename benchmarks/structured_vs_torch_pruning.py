@@ -40,7 +40,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -881,50 +880,20 @@ def append_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def machine_info(tp_python: Path | None = None) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                ram = int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
-    from importlib import metadata
+    """prunekit.bench.machine's record, plus the torch-pruning venv's versions when it exists."""
+    from prunekit.bench.machine import machine_info as read_machine
 
-    versions = {}
-    for package in ("torch", "transformers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
+    info = read_machine()
     if tp_python is not None and tp_python.exists():
         try:
             out = subprocess.run([str(tp_python), "-c", "from importlib import metadata as m; "
                                   "print(m.version('torch-pruning'), m.version('torch'))"],
                                  capture_output=True, text=True, timeout=120).stdout.split()
             if len(out) == 2:
-                versions["torch-pruning"], versions["torch (torch-pruning venv)"] = out
+                info["versions"]["torch-pruning"], info["versions"]["torch (torch-pruning venv)"] = out
         except (OSError, subprocess.SubprocessError):
             pass
-    commit = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=30).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True,
-                               text=True, timeout=30).stdout.strip()
-        if commit and dirty:
-            commit += " (with uncommitted changes under src/)"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "python": platform.python_version(),
-            "versions": versions, "commit": commit}
+    return info
 
 
 def select_names(args: argparse.Namespace) -> list[str]:

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from prunekit import kv, tokens  # noqa: E402
+from prunekit.bench.machine import describe, machine_info, software  # noqa: E402
 from markdown_sections import replace_marked_block  # noqa: E402  (benchmarks/ is on sys.path)
 
 RESULTS = REPO / "benchmarks" / "results" / "tokens_and_kv.json"
@@ -265,15 +265,10 @@ def kv_runs(results: dict[str, Any], args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------- report
 
 
-def machine() -> str:
-    """One line about the machine."""
-    cpu = platform.processor() or "CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (shared), torch {torch.__version__}, fp32, 1 thread"
+def machine(threads: int = 1) -> str:
+    """One line about the machine and software, read from them."""
+    info = machine_info()
+    return f"{describe(info)} (shared); {software(info)}, fp32, {threads} thread(s)"
 
 
 def section(results: dict[str, Any], threads: int) -> str:
@@ -361,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = load_results()
     if not args.report_only:
-        store(results, "_machine", machine().replace("1 thread", f"{args.threads} thread(s)"))
+        store(results, "_machine", machine(args.threads))
         store(results, "_date", time.strftime("%Y-%m-%d", time.gmtime()))
         if args.only in (None, "tokens"):
             print("ViT-style throughput", flush=True)

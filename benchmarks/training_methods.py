@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from prunekit.bench.machine import describe_all, machine_info
 from prunekit.examples import DigitsCNN, accuracy, load_digits_data
 from prunekit.training import (PDP, SAP, GradualPruning, IterativeSoftShrinkage, MaskSparsity, PruneAtInit, fit,
                                precrop)
@@ -151,13 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(name, seed) for name in table for seed in range(seeds) if (name, seed) not in done]
     if todo:
         run("warm-up", table["dense"], 999, 1, args.sparsity, data)  # first calls pay one-off costs: not timed
+    machine = machine_info()  # stored with each run: results of earlier runs may come from another machine
     for name, seed in tqdm(todo, desc="training runs", unit="run", disable=None, file=sys.stderr):
-        done[(name, seed)] = run(name, table[name], seed, epochs, args.sparsity, data)
+        done[(name, seed)] = {**run(name, table[name], seed, epochs, args.sparsity, data), "machine": machine}
         if not args.quick:
             append_result(RESULTS, key, name, seed, done[(name, seed)])
     rows = {name: [done[(name, seed)] for seed in range(seeds)] for name in table}
-    software = f"{platform.python_version()}, torch {torch.__version__}, one thread"
-    settings = {"machine": f"2-core AMD EPYC, 23.5 GiB, shared ({software})",
+    machines = describe_all(r.get("machine") for results in rows.values() for r in results)
+    settings = {"machine": f"{machines}; one thread",
                 "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "epochs": epochs,
                 "steps_per_epoch": len(data.batches()), "sparsity": args.sparsity, "seeds": list(range(seeds)),
                 "n_train": len(data.y_train), "n_test": len(data.y_test)}

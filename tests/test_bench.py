@@ -333,3 +333,15 @@ def test_a_failing_cell_is_named_and_finished_cells_stay(tmp_path, monkeypatch):
     with pytest.raises(PruneError, match=r"cell convnet-width8\|random\|0.5\|seed=0 failed: sparsity=0.5"):
         bench.run_bench(config, tmp_path / "run", progress=False)
     assert list(bench.read_results(tmp_path / "run")) == ["convnet-width8|global-magnitude|0.5|seed=0"]
+
+
+def test_every_cell_records_the_machine_and_the_reports_say_it(finished):
+    from prunekit.bench.machine import cpu_model, describe_all
+
+    _, run_dir, records, _ = finished
+    machines = [r["machine"] for r in records.values()]
+    assert all(m["cpu"] == cpu_model() and m["versions"]["torch"] == torch.__version__ for m in machines)
+    line = f"Machine: {describe_all(machines)}."
+    assert cpu_model() in line and "not recorded" not in line
+    assert line in (run_dir / "tables.md").read_text()
+    assert line in (run_dir / "report.html").read_text()

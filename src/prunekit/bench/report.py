@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 from .config import BenchConfig
 from .plots import accuracy_plot, layer_plot
-from .tables import (budget_sentence, dense_line, markdown_table, metric_title, result_rows, select,
-                     tables_markdown)
+from .tables import (budget_sentence, dense_line, machine_sentence, markdown_table, metric_title, result_rows,
+                     select, tables_markdown)
 
 TABLES_FILE = "tables.md"
 ACCURACY_PNG = "accuracy_vs_sparsity.png"
@@ -62,6 +62,7 @@ def html_report(config: BenchConfig, records: Sequence[dict[str, Any]], accuracy
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>",
         f"<p>{html.escape(budget_sentence(config))} Values: {html.escape(metric_title(config))}, mean ± std over "
         "seeds; the best mean of each column in bold.</p>",
+        f"<p>{html.escape(machine_sentence(records))}</p>",
     ]
     if config.notes:
         parts.append("<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in config.notes) + "</ul>")

@@ -22,6 +22,7 @@ from ..selection import module_kind
 from .config import BenchConfig, ConfigError, ModelSpec
 from .methods import CellContext, kind_of, run_method, timed, train_dense, uses_sparsity
 from .language import LanguageModels, layer_filter, run_language_cell
+from .machine import machine_info
 from .tasks import ImageTask, TextTask, build_model, load_task
 
 RESULTS_FILE = "results.jsonl"
@@ -308,6 +309,7 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
     log(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in {run_dir}")
     task = load_task(config.dataset, config.dataset_options) if todo else None
     cache, language_models = DenseCache(run_dir), LanguageModels()
+    machine = machine_info()  # each cell records where it ran: a resumed grid may span machines
     with torch_threads(threads):
         bar = tqdm(todo, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
         for cell in bar:
@@ -316,7 +318,7 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
                 record = run_cell(cell, config, task, cache, language_models)
             except PruneError as error:  # say which cell could not run; the finished ones stay recorded
                 raise PruneError(f"cell {cell.key} failed: {error}") from error
-            append_result(run_dir, record)
+            append_result(run_dir, {**record, "machine": machine})
             with tqdm.external_write_mode(file=sys.stderr):  # a log line above the bar, not through it
                 metric = (f"perplexity {record['perplexity']:.3f}" if record["perplexity"] is not None
                           else f"embedding cosine {record['embedding_cosine']:.4f}"

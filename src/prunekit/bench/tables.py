@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from .config import BenchConfig
+from .machine import describe_all
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ def budget_sentence(config: BenchConfig) -> str:
             "(structured methods: the share of channels removed).")
 
 
+def machine_sentence(records: Sequence[dict[str, Any]]) -> str:
+    """Where the cells ran, as each recorded it."""
+    return f"Machine: {describe_all(r.get('machine') for r in records)}."
+
+
 def tables_markdown(config: BenchConfig, records: Sequence[dict[str, Any]], heading_level: int = 2) -> str:
     """Every model's accuracy table (after fine-tuning / training), and the one-shot accuracy before fine-tuning."""
     hashes = "#" * heading_level
@@ -138,6 +144,7 @@ def tables_markdown(config: BenchConfig, records: Sequence[dict[str, Any]], head
            f"{', '.join(map(str, config.seeds))}", ""]
     out.append(budget_sentence(config))
     out += [f"- note: {note}" for note in config.notes]
+    out += ["", machine_sentence(records)]
     for spec in config.models:
         model = spec.label
         out += ["", f"{hashes}# {model}", "", dense_line(config, records, model), ""]
