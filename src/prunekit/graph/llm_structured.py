@@ -4,11 +4,14 @@ Both read activation statistics block by block with the calibration engine (prun
 on the dense model, then remove attention heads and MLP neurons physically through the groups of
 prunekit.graph.transformers.
 
-- FLAP (An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models): the score of an
-  input channel j of o_proj / down_proj is Var(X_j) * ||W[:, j]||^2 (a head sums its channels); scores are
-  standardised within each module, compared across the whole model against one threshold sized in parameters
-  ("AL-AM"; "UL-UM" keeps every layer's share uniform), and the removed channels' mean contribution
-  W[:, removed] @ mean(X[removed]) is folded into the output bias.
+- FLAP (An et al. 2024, Fluctuation-based Adaptive Structured Pruning for Large Language Models), in the order of
+  operations of the authors' code (CASIA-IVA-Lab/FLAP, lib/prune.py, `prune_flap`): the metric of an input channel j
+  of o_proj / down_proj is Var(X_j) * ||W[:, j]||^2 (WIFV), squared for o_proj; each layer's channel metrics are
+  standardised over all of that layer's channels, and a head (a unit) scores the mean of its channels' standardised
+  metrics. "AL-AM" compares every unit of the whole model against one threshold sized in parameters, "UL-UM" keeps
+  every layer's share uniform; the removed channels' mean contribution W[:, removed] @ mean(X[removed]) is folded
+  into the output bias. One deliberate difference: the threshold weighs each unit by the parameters it really
+  removes (see `global_keeps_by_cost`), where the reference hard-codes 512/3, LLaMA-7B's head-to-neuron cost.
 - CFSP-style (Wang et al. 2024, CFSP: coarse-to-fine activation information): the coarse step gives each block an
   MLP sparsity from its angular importance 1 - cos(x_in, x_out) (blocks that change the residual stream less
   lose more); the fine step ranks neurons by |W| x ||X|| summed over their gate/up rows and down column.
@@ -79,23 +82,44 @@ def collect_input_stats(model: nn.Module, samples: Sequence[torch.Tensor], layer
     return collected
 
 
-def flap_scores(model: nn.Module, group: Group, stats: ChannelStats) -> torch.Tensor:
-    """Fluctuation per unit: sum over its input columns of Var(X_j) * ||W[:, j]||^2."""
+def flap_channel_metric(model: nn.Module, group: Group, stats: ChannelStats) -> torch.Tensor:
+    """FLAP's WIFV metric of each consumer column, Var(X_j) * ||W[:, j]||^2, squared for attention."""
     member = consumer_member(group)
     weight = getattr(model.get_submodule(member.module), member.param)
-    column_energy = slices(weight, member).pow(2).sum(dim=1)  # ||W[:, j]||^2 for the member's columns
-    return per_unit(group, member, stats.variance[member.index].double() * column_energy)
+    column_energy = slices(weight, member).double().pow(2).sum(dim=1)  # ||W[:, j]||^2 for the member's columns
+    metric = stats.variance[member.index].double() * column_energy
+    # The reference squares the o_proj metric only: lib/prune.py:336 `W_metric = metrics[...](...) ** 2` for
+    # 'self_attn.o_proj'; lib/prune.py:351 uses down_proj's as it is.
+    return metric.pow(2) if group.kind in ("head", "kv-group") else metric
 
 
 def standardise(score: torch.Tensor) -> torch.Tensor:
-    """(s - mean) / std within one module; a constant score becomes all zeros."""
+    """(s - mean) / std (unbiased, as torch.std) over one layer's values; a constant score becomes all zeros."""
     std = score.std() if score.numel() > 1 else torch.tensor(0.0, dtype=score.dtype)
     return (score - score.mean()) / std if float(std) > 0 else torch.zeros_like(score)
 
 
+def flap_scores(model: nn.Module, group: Group, stats: ChannelStats) -> torch.Tensor:
+    """FLAP's unit score: the layer's channel metrics standardised over all its channels, then averaged per unit."""
+    member = consumer_member(group)
+    # Reference order (lib/prune.py:368-376, AL-AM/AL-MM): stack the per-channel metrics, standardise each layer's
+    # row `(x - mean(x, 1)) / std(x, 1)`, then `attn_metric.reshape(len(layers), -1, 128).mean(dim=2)` per head.
+    # A unit here may hold several heads (one query-head slot of every KV group): the mean runs over its columns.
+    channels = standardise(flap_channel_metric(model, group, stats))
+    counts = per_unit(group, member, torch.ones(len(member.index), dtype=torch.float64))
+    return per_unit(group, member, channels) / counts.clamp(min=1)
+
+
 def global_keeps_by_cost(groups: Sequence[Group], scores: Sequence[torch.Tensor], costs: Sequence[torch.Tensor],
                          ratio: float, round_to: int) -> list[int]:
-    """Remove the lowest-scoring units across all groups until `ratio` of the groups' parameters is gone."""
+    """Remove the lowest-scoring units across all groups until `ratio` of the groups' parameters is gone.
+
+    FLAP's AL-AM threshold, sized in parameters: the reference (lib/prune.py:387-393) sorts all head and neuron scores
+    together and weighs each head as 512/3 neurons, the cost ratio of a LLaMA-7B head (4 projections x 128 channels)
+    to a neuron (3 projections), whatever the model; here each unit weighs the parameters it really removes
+    (`unit_costs`: head size, grouped-query heads whose key/value rows stay, biases), so the removed share is
+    `ratio` on any architecture. A group keeps at least one unit (the reference may empty a layer's attention).
+    """
     budget = ratio * float(sum(float(c.sum()) for c in costs))
     flat = [(float(s), i, u) for i, score in enumerate(scores) for u, s in enumerate(score.tolist())]
     flat.sort()
@@ -204,8 +228,9 @@ def flap(
     if missing:
         raise ArgumentError("model", type(model).__name__, f"a model whose projections run during calibration; "
                             f"{missing[0]} never saw an input")
-    raw = [flap_scores(model, g, stats[consumer_member(g).module]) for g in groups]
-    scores = [standardise(s) for s in raw]
+    # Standardised per layer inside flap_scores, before the per-head mean; UL-UM ranks each layer by the same scores,
+    # which orders heads as the reference's per-layer sum of squared metrics does (an affine map of each layer).
+    scores = [flap_scores(model, g, stats[consumer_member(g).module]) for g in groups]
     if structure == "AL-AM":
         costs = [unit_costs(model, g) for g in groups]
         keeps = global_keeps_by_cost(groups, scores, costs, ratio, round_to)
