@@ -10,6 +10,12 @@ from prunekit.bench.config import parse_config
 
 pytestmark = pytest.mark.slow
 
+# Held-out perplexities of this run (4 x 64 calibration tokens, 256 evaluation tokens of pydoc-topics), measured with
+# the config below on torch 2.13 CPU; 1 and 2 threads give the same values to 1e-12. 2% is far above rounding and far
+# below the gaps between methods. Random pruning is not stored: at ~1e8 its value is chaotic, only its size matters.
+PERPLEXITY = {"dense": 10.397, "wanda": 24.245, "global-magnitude": 642.6}
+PERPLEXITY_REL = 0.02
+
 
 @pytest.fixture(scope="module")
 def llm_run(tmp_path_factory):
@@ -30,7 +36,8 @@ def test_perplexity_orders_dense_wanda_random(llm_run):
     ppl = {r["method"]: r["perplexity"] for r in records.values()}
     assert all(r["accuracy"] is None and r["steps"] == 0 for r in records.values())
     assert ppl["dense"] < ppl["wanda"] < ppl["random"]
-    assert ppl["wanda"] < 4 * ppl["dense"] and ppl["random"] > 100 * ppl["dense"]  # random pruning destroys the model
+    assert {m: ppl[m] for m in PERPLEXITY} == pytest.approx(PERPLEXITY, rel=PERPLEXITY_REL)
+    assert ppl["random"] > 100 * ppl["dense"]  # random pruning destroys the model
 
 
 def test_sparsity_counts_the_decoder_linears_only(llm_run):
