@@ -107,6 +107,18 @@ def identical_methods(config, records) -> list[str]:
             if results(a) and results(a) == results(b)]
 
 
+def finished_dates(records: list[dict]) -> str:
+    """When the cells were run, with the methods of each date (a partial rerun shows as a second date)."""
+    by_date: dict[str, set[str]] = {}
+    for record in records:
+        by_date.setdefault(str(record.get("finished", "unknown"))[:10], set()).add(record["method"])
+    if len(by_date) == 1:
+        return f"every cell ran on {next(iter(by_date))}"
+    counts = {day: sum(str(r.get("finished", "unknown"))[:10] == day for r in records) for day in by_date}
+    return "cells ran on " + "; ".join(f"{day} ({counts[day]} cells: {', '.join(sorted(by_date[day]))})"
+                                       for day in sorted(by_date))
+
+
 def section(results: dict[str, tuple], date: str) -> str:
     """The BENCHMARKS.md section between the markers."""
     machines = describe_all(r.get("machine") for _, records, _ in results.values() for r in records)
@@ -121,6 +133,7 @@ def section(results: dict[str, tuple], date: str) -> str:
         out += [f"### {title}: {outcome(held, config.sparsities)}", ""]
         out += [f"- {line}" for line in lines]
         out += [f"- {line}" for line in identical_methods(config, records)]
+        out.append(f"- {finished_dates(records)}")
         cell_minutes = sum(r.get("seconds", 0.0) for r in records) / 60
         out.append(f"- {len(records)} cells; their times sum to {cell_minutes:.1f} min"
                    + (f" (wall time of this run {seconds / 60:.1f} min)" if seconds is not None else "")
