@@ -22,6 +22,10 @@ import torch
 # FPGM reads "out".
 ROLES = ("out", "in", "norm")
 
+# A member whose `param` starts with this names an int attribute of the module (e.g. "attribute:num_heads") that a
+# reshape or view reads as a size: removing units lowers it by one per removed index, as it would a tensor's size.
+ATTRIBUTE = "attribute:"
+
 
 @dataclass(frozen=True)
 class Member:
@@ -49,6 +53,8 @@ class Group:
     members: list[Member]
     min_keep: int = 1  # never keep fewer units than this
     notes: list[str] = field(default_factory=list)
+    attributes: list[Member] = field(default_factory=list)  # size attributes read by reshapes (param ATTRIBUTE+name)
+    kept_whole: str = ""  # why no unit may be removed (a shape constant the tracer could not tie to an attribute)
 
     def modules(self) -> list[str]:
         """Names of the modules this group touches, in first-seen order."""
@@ -60,7 +66,7 @@ class Group:
     def removed_indices(self, removed_units: torch.Tensor) -> dict[tuple[str, str, int], torch.Tensor]:
         """Tensor indices to delete, per (module, param, dim), when `removed_units` go."""
         result: dict[tuple[str, str, int], torch.Tensor] = {}
-        for member in self.members:
+        for member in [*self.members, *self.attributes]:
             hit = torch.isin(member.unit, removed_units)
             if hit.any():
                 previous = result.get(member.key)
@@ -96,6 +102,8 @@ class DependencyGraph:
         lines = [f"{len(self.groups)} prunable groups"]
         for group in self.groups:
             lines.append(f"  [{group.kind} x{group.size}] {group.name}")
+            if group.kept_whole:
+                lines.append(f"    kept whole: {group.kept_whole}")
         if self.barriers:
             lines.append(f"{len(self.barriers)} barriers (nothing pruned through them):")
             lines += [f"  {b.where}: {b.reason}" for b in self.barriers]

@@ -15,12 +15,14 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from prunekit.errors import ArgumentError, check_sparsity, unknown_choice
+from prunekit.errors import ArgumentError, ModelError, check_sparsity, unknown_choice
 from prunekit.graph.groups import DependencyGraph, Group
 from prunekit.graph.importance import NEEDS_GRADIENTS, get_score, gradient_group_scores
-from prunekit.graph.surgery import Plan, apply_plan, merge_removals, plan_from_removals
+from prunekit.graph.surgery import Plan, apply_checked, apply_plan, merge_removals, plan_from_removals, run_located
 
 BUDGETS = ("uniform", "global", "macs", "latency")
+# What to do with a group whose size a reshape reads from a constant the tracer could not tie to an attribute.
+UNTRACKED_SIZES = ("keep-whole", "error")
 
 
 @dataclass
@@ -174,17 +176,39 @@ def default_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str]
     return build_graph(model, example_inputs, barriers)
 
 
-def select_groups(graph: DependencyGraph, ignore: Iterable[str]) -> tuple[list[Group], list[GroupDecision]]:
-    """Groups to prune: those not touching an ignored module (exact names or prefixes)."""
+def select_groups(graph: DependencyGraph, ignore: Iterable[str],
+                  untracked_sizes: str = "keep-whole") -> tuple[list[Group], list[GroupDecision]]:
+    """Groups to prune: those not touching an ignored module (exact names or prefixes) and not kept whole by the
+    tracer (a reshape reads their size from an untracked constant: listed, or an error with untracked_sizes="error")."""
+    if untracked_sizes not in UNTRACKED_SIZES:
+        raise unknown_choice("untracked_sizes", untracked_sizes, UNTRACKED_SIZES)
     ignore = list(ignore)
     chosen, skipped = [], []
     for group in graph.groups:
         hit = [name for name in group.modules() if any(name == i or name.startswith(i + ".") for i in ignore)]
         if hit:
             skipped.append(GroupDecision(group.name, group.kind, group.size, group.size, [f"ignored ({hit[0]})"]))
+        elif group.kept_whole:
+            if untracked_sizes == "error":
+                raise ModelError(f"group {group.name!r} cannot be pruned: {group.kept_whole}. Pass "
+                                 "untracked_sizes='keep-whole' to keep it whole (listed in the result), or store the "
+                                 "size in an attribute of the module that reshapes")
+            skipped.append(GroupDecision(group.name, group.kind, group.size, group.size,
+                                         [f"kept whole: {group.kept_whole}"]))
         else:
             chosen.append(group)
     return chosen, skipped
+
+
+def _check_inputs(model: nn.Module, example_inputs: Any) -> Any:
+    """What the pruned model is run on before prune_structured returns: the example inputs, or for a transformers
+    model given none, four token ids (its adapter needs no trace)."""
+    if example_inputs is not None:
+        return example_inputs
+    if is_transformers_model(model):
+        return torch.zeros(1, 4, dtype=torch.long)
+    raise ArgumentError("example_inputs", None, "inputs the model accepts (a tensor or a tuple of tensors): the "
+                        "tracer runs them, and the pruned model is checked on them before it is returned")
 
 
 def prune_structured(
@@ -205,18 +229,33 @@ def prune_structured(
     graph: DependencyGraph | None = None,
     measure_costs: bool = False,
     latency_batch: int = 16,
+    untracked_sizes: str = "keep-whole",
 ) -> StructuredResult:
     """Remove the least important units of every coupled group; the model is changed in place.
 
     ratio: share of units to remove (uniform: in every group; global: across all groups).
     budget: "uniform", "global", "macs" or "latency" (the last two search the global ratio that keeps `target`
     of the dense MACs or measured latency at batch `latency_batch`).
+    untracked_sizes: "keep-whole" (groups whose size a reshape reads from a constant of no attribute are not pruned,
+    and the decisions say why) or "error".
+    Before returning, the pruned model runs on `example_inputs`; if that fails (or the output shape changes) the
+    model is restored exactly and a ModelError names the module where it failed.
     """
     _check_options(ratio, budget, target, round_to)
     get_score(score)
+    if untracked_sizes not in UNTRACKED_SIZES:
+        raise unknown_choice("untracked_sizes", untracked_sizes, UNTRACKED_SIZES)
+    check_inputs = _check_inputs(model, example_inputs)
+    expected, where, error = run_located(model, check_inputs)
+    if error is not None:
+        from prunekit.graph.trace import _as_tuple, _describe_inputs
+
+        shown = _describe_inputs(_as_tuple(check_inputs)) if not isinstance(check_inputs, dict) else "a dict"
+        raise ArgumentError("example_inputs", shown, f"inputs the model accepts; running it failed in module "
+                            f"{where!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
     if graph is None:
         graph = default_graph(model, example_inputs, barriers)
-    groups, skipped = select_groups(graph, ignore)
+    groups, skipped = select_groups(graph, ignore, untracked_sizes)
     options = {"seed": seed}
     if score in NEEDS_GRADIENTS:
         scores = gradient_group_scores(model, groups, score, options, data, loss_fn, n_batches)
@@ -245,13 +284,14 @@ def prune_structured(
         if budget == "uniform" and wanted < decision.kept and wanted < max(1, group.min_keep):
             decision.notes.append(f"ratio {ratio:g} would remove every unit; kept {decision.kept}")
     if plan:
-        apply_plan(model, plan)
+        apply_checked(model, plan, check_inputs, expected)
     if measure_costs:
         from prunekit.measure import cost_report
 
         costs["after"] = cost_report(model, example_inputs)
     settings = {"ratio": ratio, "score": score, "budget": budget, "target": target, "round_to": round_to,
-                "barriers": sorted(barriers), "ignore": sorted(ignore), "seed": seed}
+                "barriers": sorted(barriers), "ignore": sorted(ignore), "seed": seed,
+                "untracked_sizes": untracked_sizes}
     return StructuredResult(plan, decisions, graph, settings, costs)
 
 

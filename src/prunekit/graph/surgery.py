@@ -6,12 +6,13 @@ original class plus the plan, without pickling modules: `apply_plan(fresh_model,
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from prunekit.errors import FormatError, ModelError
+from prunekit.graph.groups import ATTRIBUTE
 
 # (module, param, dim) -> sorted LongTensor of the indices kept along dim
 Plan = dict[tuple[str, str, int], torch.Tensor]
@@ -40,8 +41,8 @@ def plan_from_removals(model: nn.Module, removals: dict[tuple[str, str, int], to
     """Turn 'indices to delete' into 'indices to keep', checking every index against the tensor's size."""
     plan: Plan = {}
     for (module_name, param_name, dim), removed in removals.items():
-        tensor = _tensor(model, module_name, param_name)
-        size = tensor.shape[dim]
+        size = _attribute(model, module_name, param_name) if param_name.startswith(ATTRIBUTE) else \
+            _tensor(model, module_name, param_name).shape[dim]
         removed = torch.unique(removed.long())
         if len(removed) and (int(removed.min()) < 0 or int(removed.max()) >= size):
             raise ModelError(f"{module_name}.{param_name}: index out of range for dimension {dim} of size {size}")
@@ -51,6 +52,15 @@ def plan_from_removals(model: nn.Module, removals: dict[tuple[str, str, int], to
             raise ModelError(f"{module_name}.{param_name}: removal would leave dimension {dim} empty")
         plan[(module_name, param_name, dim)] = torch.nonzero(keep).flatten()
     return plan
+
+
+def _attribute(model: nn.Module, module_name: str, param_name: str) -> int:
+    """The value of a size attribute named by an ATTRIBUTE plan key."""
+    module = model.get_submodule(module_name) if module_name else model
+    value = getattr(module, param_name[len(ATTRIBUTE):], None)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ModelError(f"{module_name or type(model).__name__} has no int attribute {param_name[len(ATTRIBUTE):]!r}")
+    return value
 
 
 def _tensor(model: nn.Module, module_name: str, param_name: str) -> torch.Tensor:
@@ -66,6 +76,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Slice every tensor named in `plan` in place, then refresh module attributes. Returns `model`."""
     for (module_name, param_name, dim), keep in sorted(plan.items(), key=lambda item: item[0]):
         module = model.get_submodule(module_name) if module_name else model
+        if param_name.startswith(ATTRIBUTE):  # a size a reshape reads: it becomes the number of kept indices
+            if int(keep.max()) >= _attribute(model, module_name, param_name):
+                raise FormatError(f"plan for {module_name}.{param_name} keeps index {int(keep.max())} beyond the "
+                                  "attribute's value: the plan belongs to a different model")
+            setattr(module, param_name[len(ATTRIBUTE):], len(keep))
+            continue
         tensor = _tensor(model, module_name, param_name)
         if int(keep.max()) >= tensor.shape[dim]:
             raise FormatError(
@@ -91,6 +107,96 @@ def refresh_attributes(model: nn.Module) -> None:
         for refresher in _REFRESHERS:
             if refresher(name, module, model):
                 break
+
+
+# --- never a broken model -----------------------------------------------------------------------------------------
+
+
+Snapshot = list[tuple[nn.Module, dict, dict, dict]]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """Every module's attributes, parameters and buffers by reference (surgery replaces tensors, never edits them)."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+
+def restore(saved: Snapshot) -> None:
+    """Put back exactly what `snapshot` saw: the same tensor objects, the same attribute values."""
+    for module, attributes, parameters, buffers in saved:
+        module.__dict__.clear()
+        module.__dict__.update(attributes)
+        module._parameters.clear()
+        module._parameters.update(parameters)
+        module._buffers.clear()
+        module._buffers.update(buffers)
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _shapes(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shapes(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shapes(v) for k, v in value.items()}
+    return None
+
+
+@torch.no_grad()
+def run_located(model: nn.Module, example_inputs: Any) -> tuple[Any, str | None, BaseException | None]:
+    """One eval-mode forward: (output shapes, None, None), or (None, innermost module that raised, the error)."""
+    names = {module: name for name, module in model.named_modules()}
+    stack: list[str] = []
+    failed: list[str] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(names.get(module, "?"))
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    handles += [m.register_forward_hook(leave) for m in model.modules()]
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics updated by the check
+    try:
+        if isinstance(example_inputs, dict):
+            return _shapes(model(**example_inputs)), None, None
+        return _shapes(model(*_as_args(example_inputs))), None, None
+    except Exception as error:  # any failure of the user's forward is reported, with where it happened
+        failed.append(stack[-1] if stack else "")
+        return None, failed[0], error
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def apply_checked(model: nn.Module, plan: Plan, example_inputs: Any, expected: Any = None) -> nn.Module:
+    """apply_plan, then a forward on `example_inputs`; on any failure (or an output of another shape than `expected`)
+    the model is restored exactly and a ModelError names the module where the forward failed."""
+    saved = snapshot(model)
+    try:
+        apply_plan(model, plan)
+    except Exception:
+        restore(saved)
+        raise
+    shapes, where, error = run_located(model, example_inputs)
+    if error is None and (expected is None or shapes == expected):
+        return model
+    restore(saved)
+    if error is None:
+        raise ModelError(f"the pruned model's output has shape {shapes}, not {expected}; the model was restored "
+                         "to its state before pruning")
+    label = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else \
+        f"{type(model).__name__}.forward"
+    raise ModelError(f"the pruned model fails on the example inputs in {label}: {type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}. The model was restored to its state before "
+                     "pruning; mark that module as a barrier (barriers=[...], CLI --barrier) or ignore it") from None
 
 
 # --- the torch.nn modules --------------------------------------------------------------------------------------
