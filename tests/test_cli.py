@@ -119,8 +119,12 @@ def test_saved_folder_reloads_into_a_fresh_digits_cnn(pruned_folder):
     assert accuracy(model, data.x_test, data.y_test) == pytest.approx(stored)
 
 
-def test_prune_into_a_previous_save_replaces_it_and_other_files_are_refused(pruned_folder, tmp_path):
+def test_prune_into_an_existing_folder_needs_overwrite_and_leaves_it_untouched(pruned_folder, tmp_path):
     folder, _ = pruned_folder
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+    code, _, err = run_cli("prune", "digits-cnn", "--method", "random", "--sparsity", "0.3", "--out", str(folder))
+    assert code == 2 and f"--out='{folder}'" in err and "--overwrite" in err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()} == before
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -136,7 +140,7 @@ def test_unknown_method_exits_2_with_a_suggestion_and_writes_nothing(tmp_path):
     out_dir = tmp_path / "out"
     code, out, err = run_cli("prune", "digits-cnn", "--method", "magnitud", "--sparsity", "0.5", "--out", str(out_dir))
     assert code == 2 and out == ""
-    assert err.startswith("prunekit: error: method='magnitud'")
+    assert err.startswith("prunekit: error: --method='magnitud'")
     assert "Did you mean 'magnitude'?" in err
     assert "Traceback" not in err
     assert not out_dir.exists()
@@ -146,15 +150,15 @@ def test_bad_sparsity_exits_2_naming_sparsity_and_writes_nothing(tmp_path):
     out_dir = tmp_path / "out"
     code, _, err = run_cli("prune", "digits-cnn", "--method", "magnitude", "--sparsity", "1.5", "--out", str(out_dir))
     assert code == 2
-    assert err.startswith("prunekit: error: sparsity=1.5") and "[0, 1)" in err
+    assert err.startswith("prunekit: error: --sparsity=1.5") and "[0, 1)" in err
     assert not out_dir.exists()
 
 
 @pytest.mark.parametrize("argv, named", [
     (["prune", "digits-cn", "--method", "magnitude", "--sparsity", "0.5"], "MODEL='digits-cn'"),
-    (["prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.5", "--pattern", "3:2"], "pattern='3:2'"),
-    (["demo", "--method", "wanda-x"], "method='wanda-x'"),
-    (["demo", "--pattern", "diagonal"], "pattern='diagonal'"),
+    (["prune", "digits-cnn", "--method", "magnitude", "--sparsity", "0.5", "--pattern", "3:2"], "--pattern='3:2'"),
+    (["demo", "--method", "wanda-x"], "--method='wanda-x'"),
+    (["demo", "--pattern", "diagonal"], "--pattern='diagonal'"),
 ])
 def test_bad_arguments_fail_fast_with_exit_2(tmp_path, argv, named):
     if argv[0] == "prune":
@@ -179,7 +183,7 @@ def test_console_script_prints_one_error_line_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "prunekit: error: method='snipp' is not valid: choose one of " + ", ".join(sorted(METHODS))
+        "prunekit: error: --method='snipp' is not valid: choose one of " + ", ".join(sorted(METHODS))
         + ". Did you mean 'snip'?"
     )
 

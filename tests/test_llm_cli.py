@@ -71,11 +71,12 @@ def test_cli_prune_writes_a_folder_plain_transformers_loads(tiny_lm_folder, tmp_
 def test_cli_llm_bad_input_fails_before_work_and_writes_nothing(tiny_lm_folder, tmp_path):
     out = tmp_path / "never"
     cases = [
-        (["--method", "wanda", "--sparsity", "1.5"], "sparsity=1.5"),
-        (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000"], "seq_len=100000"),
+        (["--method", "wanda", "--sparsity", "1.5"], "--sparsity=1.5"),
+        (["--method", "wanda", "--sparsity", "0.5", "--seq-len", "100000"], "--seq-len=100000"),
         (["--method", "wanda", "--sparsity", "0.5,0.5,0.5"], "one sparsity per decoder block (2)"),
         (["--method", "wandaa", "--sparsity", "0.5"], "Did you mean 'wanda'"),
-        (["--method", "wanda", "--sparsity", "0.5", "--calib", tmp_path / "missing.txt"], "no such file"),
+        (["--method", "wanda", "--sparsity", "0.5", "--calib", tmp_path / "missing.txt"],
+         f"--calib='{tmp_path / 'missing.txt'}' is not valid: an existing UTF-8 text file. no such file"),
     ]
     for args, message in cases:
         proc = _run("prune", tiny_lm_folder, *args, *([] if "--seq-len" in args else ["--seq-len", "16"]),
@@ -90,7 +91,8 @@ def test_short_calibration_text_is_refused(tiny_lm_folder, tmp_path):
     text.write_text("Too short to fill one window.")
     proc = _run("prune", tiny_lm_folder, "--method", "wanda", "--sparsity", "0.5", "--calib", text, "--ppl", text,
                 "--seq-len", "64", "--n-samples", "2", "--no-eval", "--out", tmp_path / "o", "-q")
-    assert proc.returncode == 2 and "at least 64 tokens" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"--calib='{text}'" in proc.stderr, proc.stderr
+    assert "at least 128 tokens for 2 samples of 64" in proc.stderr, proc.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -66,14 +66,23 @@ def prune(
         include=include, ignore=ignore, n_batches=n_batches, rounds=rounds, seed=seed, apply=apply, **options,
     )
     if recipe.runner is not None:
+        refuse_unused_by_runner(recipe, score=score, budget=budget, min_keep=min_keep, types=types,
+                                 loss_fn=loss_fn, n_batches=n_batches, example_inputs=example_inputs, rounds=rounds,
+                                 seed=seed, keep_original=keep_original)
         return recipe.runner(model, sparsity=sparsity, pattern=pattern, include=include, ignore=ignore, data=data,
-                             seed=seed, apply=apply, **options)
+                             apply=apply, **options)
 
+    distortion_proxy = options.pop("distortion_proxy", False)
     plan = _plan(recipe, model, sparsity, pattern, score, budget, min_keep, types, include, ignore, data,
                  example_inputs, rounds, apply, n_batches)
+    _check_options(plan, options, distortion_proxy, data, example_inputs)
     context = ScoreContext(model=model, targets=plan.selection.targets, data=data, loss_fn=loss_fn,
                            n_batches=n_batches, seed=seed, example_inputs=example_inputs, options=options)
     final_masks = _compute_masks(plan, context, min_keep)
+    notes = list(plan.selection.notes)
+    if plan.budget == "rate-distortion" and data is None and example_inputs is None:
+        notes.append("rate-distortion: no data, so distortion was the data-free proxy asked for with "
+                     "distortion_proxy=True (squared score mass removed), not the model's output error")
     for target, mask in zip(plan.selection.targets, final_masks):
         mask_engine.attach(target.module, mask, target.param_name, keep_original=keep_original)
     if apply == "bake":
@@ -83,8 +92,67 @@ def prune(
     return Report(
         layers=[layer_sparsity(t, plan.pattern.name) for t in plan.selection.targets],
         method=recipe.name, arguments=_jsonable(arguments), skipped=plan.selection.skipped,
-        notes=plan.selection.notes, seconds=time.perf_counter() - started,
+        notes=notes, seconds=time.perf_counter() - started,
     )
+
+
+# prune()'s keywords a method with its own runner (the calibration-based LLM methods) does not read, with the
+# value that means "not given": anything else is refused by name rather than dropped.
+RUNNER_UNUSED = {"score": None, "budget": None, "min_keep": 0, "types": DEFAULT_TYPES, "loss_fn": None,
+                 "n_batches": 1, "example_inputs": None, "rounds": None, "seed": 0, "keep_original": False}
+# Extra keywords each score reads (anything else in **options is refused); the rate-distortion budget adds its own.
+SCORE_OPTIONS = {"taylor": ("taylor_order",), "grasp": ("grasp_temperature",)}
+
+
+def refuse_unused_by_runner(recipe: Method, **given: Any) -> None:
+    """Raise on the first keyword a runner method would ignore, naming it, its value and what the method does."""
+    from .methods import METHODS
+
+    for name, default in RUNNER_UNUSED.items():
+        value = given[name]
+        if default is None:
+            if value is None:
+                continue
+        elif name == "types":
+            if sorted([value] if isinstance(value, str) else list(value)) == sorted(default):
+                continue
+        elif value == default and not isinstance(value, bool) or value is default:
+            continue
+        if name == "score" and value == recipe.score:
+            continue  # the method's own score, named explicitly
+        if name == "budget" and value == recipe.budget:
+            continue
+        if name in ("score", "budget"):
+            same = [m.name for m in METHODS.values() if m.runner is not None and getattr(m, name) == value]
+            hint = f"Method {same[0]!r} does that." if same else ""
+            raise ArgumentError(name, value, f"None or {getattr(recipe, name)!r}: method {recipe.name!r} "
+                                f"{'scores' if name == 'score' else 'allocates'} with {getattr(recipe, name)}", hint)
+        shown = type(value).__name__ if name in ("loss_fn", "example_inputs") else value
+        raise ArgumentError(name, shown, f"{default!r} (its default): method {recipe.name!r} calibrates on `data` "
+                            f"and does not use {name}")
+
+
+def _check_options(plan: "_Plan", options: dict[str, Any], distortion_proxy: Any, data: Any,
+                   example_inputs: Any) -> None:
+    """Refuse extra keywords the chosen score does not read, and rate-distortion with nothing to measure on."""
+    known = SCORE_OPTIONS.get(plan.score, ())
+    for name in options:
+        if name not in known:
+            allowed = ", ".join(known) if known else "none"
+            raise ArgumentError(name, options[name], f"a keyword the score {plan.score!r} reads ({allowed})")
+    if not isinstance(distortion_proxy, bool):
+        raise ArgumentError("distortion_proxy", distortion_proxy, "True or False")
+    if plan.budget != "rate-distortion":
+        if distortion_proxy:
+            raise ArgumentError("distortion_proxy", distortion_proxy, "False unless budget is 'rate-distortion'")
+        return
+    if data is None and example_inputs is None and not distortion_proxy:
+        raise ArgumentError("data", None, "batches (or example_inputs) to measure each layer's output distortion on",
+                            "The rate-distortion budget measures the model's output; pass distortion_proxy=True "
+                            "to rank by the removed squared score mass instead (reported in the notes)")
+    if distortion_proxy and (data is not None or example_inputs is not None):
+        raise ArgumentError("distortion_proxy", True, "False when data or example_inputs is given (the output "
+                            "distortion is measured on them)")
 
 
 class _Plan:

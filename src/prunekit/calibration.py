@@ -85,9 +85,13 @@ def text_from_dataset(dataset: Any, column: str = "text") -> str:
     return "\n".join(rows)
 
 
-def load_text(path: Any = None) -> str:
+def load_text(path: Any = None, argument: str = "path") -> str:
     """The text of a UTF-8 file, of a `datasets` dataset (a `DatasetText`, or a loaded dataset with a "text" column),
-    or with None an embedded default (Python's own pydoc topics, always installed)."""
+    or with None an embedded default (Python's own pydoc topics, always installed).
+
+    `argument` is how the caller's user named the path (a keyword such as "calib", or a flag such as "--calib"),
+    so that an error names it.
+    """
     if isinstance(path, DatasetText):
         return text_from_dataset(_load_dataset(path), path.column)
     if hasattr(path, "column_names") and hasattr(path, "__getitem__"):  # an already loaded datasets.Dataset
@@ -98,16 +102,41 @@ def load_text(path: Any = None) -> str:
         # Sorted keys: the same text whatever order the dict was written in.
         return "\n".join(topics[key] for key in sorted(topics))
     if not isinstance(path, (str, os.PathLike)):
-        raise ArgumentError("path", path, "a path to a UTF-8 text file, a DatasetText, a datasets.Dataset, or None "
-                            "for the embedded default text")
+        raise ArgumentError(argument, path, "a path to a UTF-8 text file, a DatasetText, a datasets.Dataset, or "
+                            "None for the embedded default text")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ArgumentError("path", os.fspath(path), "an existing UTF-8 text file", hint="no such file") from None
+        raise ArgumentError(argument, os.fspath(path), "an existing UTF-8 text file", hint="no such file") from None
     except IsADirectoryError:
-        raise ArgumentError("path", os.fspath(path), "a UTF-8 text file", hint="this is a folder") from None
+        raise ArgumentError(argument, os.fspath(path), "a UTF-8 text file", hint="this is a folder") from None
     except UnicodeDecodeError as error:
-        raise ArgumentError("path", os.fspath(path), "a UTF-8 text file", hint=str(error)) from None
+        raise ArgumentError(argument, os.fspath(path), "a UTF-8 text file", hint=str(error)) from None
+    if not text.strip():
+        raise ArgumentError(argument, os.fspath(path), "a UTF-8 text file holding some text", hint="the file is empty")
+    return text
+
+
+def check_calibration_tokens(text: str, tokenizer: Any, n_samples: int, seq_len: int, argument: str = "calib",
+                             source: Any = None) -> int:
+    """Refuse a calibration text with fewer tokens than n_samples x seq_len (the samples would mostly repeat it).
+
+    Needs only the tokenizer, so it runs before the model is loaded; `source` (the path or dataset the text came
+    from, None for the embedded text) is the value the error shows. Returns the text's token count.
+    """
+    from prunekit.evaluate import encode, tokenizer_adds_bos
+
+    _check_count("n_samples", n_samples)
+    _check_count("seq_len", seq_len, minimum=2)
+    body = seq_len - 1 if tokenizer_adds_bos(tokenizer) else seq_len
+    needed = n_samples * body
+    count = int(encode(tokenizer, text, add_special_tokens=False).numel())
+    if count < needed:
+        value = os.fspath(source) if isinstance(source, (str, os.PathLike)) else source
+        raise ArgumentError(argument, value, f"a text of at least {needed} tokens for {n_samples} samples of "
+                            f"{body} text tokens (seq_len={seq_len})", hint=f"Its calibration part holds {count} "
+                            f"tokens ({len(text)} characters); use a longer text, fewer samples or a shorter seq_len")
+    return count
 
 
 def _check_count(argument: str, value: Any, minimum: int = 1) -> int:

@@ -195,15 +195,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .api import prune
 
     _validate_prune_args(args)
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
     if is_language_model(args.model):
         return _prune_language_model(args)
-    if args.out_of_core:
-        raise ArgumentError("--out-of-core", args.model, "a transformers causal LM (folder, hub id or smollm2-135m)")
+    _refuse_language_flags(args)
     if isinstance(args.sparsity, list):
         raise ArgumentError("--sparsity", ",".join(map(str, args.sparsity)), "one number for this model "
                             "(lists of per-block sparsities are for language models)")
-    out = Path(args.out)
-    _check_out(out, args.overwrite)
     log = _stderr_log(args.quiet)
     loaded = _load_model(args.model, seed=args.seed, log=log, progress=not args.quiet)
     before = _evaluate(loaded, "dense", log) if not args.no_eval else None
@@ -223,6 +222,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 LLM_OPTIONS = ("blocksize", "dampening", "owl_m", "owl_lambda")
+# Flags only the language-model job reads (their defaults are None so that "given" can be told from "default"),
+# and the value each means when left out.
+LLM_FLAGS = {"calib": None, "calib_dataset": None, "calib_config": None, "calib_split": None, "calib_column": None,
+             "ppl": None, "n_samples": 128, "seq_len": 256, "eval_tokens": 8192, "checkpoint_dir": None,
+             "device": "auto", "out_of_core": None, **{name: None for name in LLM_OPTIONS}}
+
+
+def _refuse_language_flags(args: argparse.Namespace) -> None:
+    """Fail on a language-model flag given for a model that is not one (it would be ignored)."""
+    for name in LLM_FLAGS:
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            raise ArgumentError(_flag(name), value, f"not given for MODEL {args.model!r}: it is for language models "
+                                "(a transformers folder, a hub id or smollm2-135m)")
 
 
 def _prune_language_model(args: argparse.Namespace) -> int:
@@ -230,15 +243,22 @@ def _prune_language_model(args: argparse.Namespace) -> int:
     from .pipeline import prune_language_model
 
     log = _stderr_log(args.quiet)
+    if args.apply == "mask":
+        raise ArgumentError("--apply", args.apply, "'bake' (or left out) for a language model: the saved "
+                            "transformers folder holds the zeros themselves, with no masks")
     options = {name: getattr(args, name) for name in LLM_OPTIONS if getattr(args, name) is not None}
-    for name in ("include", "ignore"):
+    # score/budget/min_keep go to the job, which refuses them by flag for the methods that would not use them.
+    for name in ("include", "ignore", "score", "budget", "min_keep"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    given = {name: default if getattr(args, name) is None else getattr(args, name)
+             for name, default in LLM_FLAGS.items()}
     summary = prune_language_model(
         args.model, args.method, args.sparsity, pattern=args.pattern, calib=_calibration_source(args), ppl=args.ppl,
-        n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, out=args.out, overwrite=args.overwrite,
-        eval_tokens=args.eval_tokens, checkpoint_dir=args.checkpoint_dir, evaluate=not args.no_eval,
-        out_of_core=args.out_of_core, device=args.device, progress=not args.quiet, log=log, **options,
+        n_samples=given["n_samples"], seq_len=given["seq_len"], seed=args.seed, out=args.out,
+        overwrite=args.overwrite, eval_tokens=given["eval_tokens"], checkpoint_dir=args.checkpoint_dir,
+        evaluate=not args.no_eval, out_of_core=bool(args.out_of_core), device=given["device"],
+        progress=not args.quiet, log=log, **options,
     )
     report = summary.pop("report")
     from .distributed import is_writer
@@ -268,7 +288,8 @@ def cmd_shrink(args: argparse.Namespace) -> int:
         heads=None if args.heads == "none" else args.heads, drop_blocks=args.drop_blocks,
         input_shape=args.input_shape, calib=_calibration_source(args), n_samples=args.n_samples, seq_len=args.seq_len,
         eval_tokens=args.eval_tokens, measure_latency=not args.no_latency, out=args.out, overwrite=args.overwrite,
-        seed=args.seed, progress=not args.quiet, log=_stderr_log(args.quiet),
+        seed=args.seed, fallback=args.fallback, skip_untraceable=args.skip_untraceable, progress=not args.quiet,
+        log=_stderr_log(args.quiet),
     )
     if args.json:
         print(json.dumps(summary_json(summary), indent=2, default=str))
@@ -284,7 +305,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline import split_held_out
     from .zoo import load_causal_lm
 
-    text = load_text(args.ppl) if args.ppl is not None else split_held_out(load_text(None))[1]
+    text = load_text(args.ppl, argument="--ppl") if args.ppl is not None else split_held_out(load_text(None))[1]
     model, tokenizer = load_causal_lm(args.dir)
     value = perplexity(model, tokenizer, text, window=args.window, max_tokens=args.eval_tokens,
                        progress=not args.quiet)
@@ -312,14 +333,13 @@ def _validate_prune_args(args: argparse.Namespace) -> None:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that holds anything but an earlier prunekit save, before any work is done."""
-    from .io import is_prunekit_folder
-
+    """Refuse, before any work is done, an --out that exists with files in it (an earlier save included) unless
+    --overwrite is given: without it an existing folder is never touched."""
     if out.exists() and not out.is_dir():
         raise ArgumentError("--out", str(out), "a folder to write (it exists as a file)")
-    if out.is_dir() and not overwrite and any(out.iterdir()) and not is_prunekit_folder(out):
-        raise ArgumentError("--out", str(out), "a new folder, an empty one, or an earlier prunekit save",
-                            "It holds other files; pass --overwrite to replace the whole folder.")
+    if out.is_dir() and not overwrite and any(out.iterdir()):
+        raise ArgumentError("--out", str(out), "a new folder or an empty one",
+                            "It holds files; pass --overwrite to replace the whole folder.")
 
 
 def _preset_for(preset: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -334,8 +354,8 @@ def _preset_for(preset: dict[str, Any], args: argparse.Namespace) -> dict[str, A
 
 def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """prune() keyword arguments from the command line (only those given, so method defaults apply)."""
-    kwargs: dict[str, Any] = {"pattern": args.pattern, "seed": args.seed, "apply": args.apply,
-                              "min_keep": args.min_keep}
+    kwargs: dict[str, Any] = {"pattern": args.pattern, "seed": args.seed, "apply": args.apply or "mask",
+                              "min_keep": 0 if args.min_keep is None else args.min_keep}
     for name in ("score", "budget", "include", "ignore"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -459,12 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--pattern", default="unstructured", help="unstructured, N:M (e.g. 2:4) or RxC blocks (4x1)")
     prune.add_argument("--score", help="override the method's score")
     prune.add_argument("--budget", help="override the method's budget: uniform, global, erk, lamp, rate-distortion")
-    prune.add_argument("--min-keep", type=_min_keep, default=0,
+    prune.add_argument("--min-keep", type=_min_keep,
                        help="per-layer floor for global budgets: a weight count, or a share of each layer if < 1")
     prune.add_argument("--include", nargs="+", action="extend", metavar="PATTERN",
                        help="only these layers (glob on module names, or 're:REGEX')")
     prune.add_argument("--ignore", nargs="+", action="extend", metavar="PATTERN", help="leave these layers dense")
-    prune.add_argument("--apply", choices=("mask", "bake"), default="mask",
+    prune.add_argument("--apply", choices=("mask", "bake"),
                        help="save masks with the weights (default) or only the zeros")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", required=True, metavar="DIR", help="folder to write (atomically)")
@@ -474,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--calib", metavar="FILE", help="calibration text (UTF-8); default: an embedded English text")
     _dataset_flags(llm)
     llm.add_argument("--ppl", metavar="FILE", help="held-out text for perplexity; default: the last tenth of --calib")
-    llm.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
-    llm.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
-    llm.add_argument("--eval-tokens", type=int, default=8192, help="tokens of held-out text to evaluate (8192)")
+    llm.add_argument("--n-samples", type=int, help="calibration samples (default 128)")
+    llm.add_argument("--seq-len", type=int, help="tokens per calibration sample (default 256)")
+    llm.add_argument("--eval-tokens", type=int, help="tokens of held-out text to evaluate (8192)")
     llm.add_argument("--checkpoint-dir", metavar="DIR", help="save progress after each block; rerun to resume")
-    llm.add_argument("--device", default="auto", help="auto (this rank's GPU when CUDA is available, else the "
+    llm.add_argument("--device", help="auto (this rank's GPU when CUDA is available, else the "
                      "CPU), cpu, cuda or cuda:N")
-    llm.add_argument("--out-of-core", action="store_true", help="never hold the whole model: read, prune and write "
+    llm.add_argument("--out-of-core", action="store_true", default=None, help="never hold the whole model: read, prune and write "
                      "one block at a time from its safetensors (same result; resumes when rerun)")
     llm.add_argument("--blocksize", type=int, help="SparseGPT column block size (default 128)")
     llm.add_argument("--dampening", type=float, help="SparseGPT dampening, share of the mean diagonal (0.01)")
@@ -503,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "minilm, or a transformers folder")
     shrink.add_argument("--method", default="l2", help="group score l1, l2, bn-scale, random, fpgm; or flap, cfsp "
                         "(calibration-based, causal LMs)")
+    shrink.add_argument("--fallback", choices=("l1", "l2"), help="with --method bn-scale or fpgm: score the groups "
+                        "they cannot (no BatchNorm, no producing layer) by this group norm instead of refusing; "
+                        "each is listed in the notes")
     shrink.add_argument("--ratio", type=_sparsity, default=0.5, help="share of units to remove (default 0.5)")
     shrink.add_argument("--budget", default="uniform", help="uniform, global, macs or latency (default uniform)")
     shrink.add_argument("--target", type=float, help="for --budget macs/latency: share of the dense cost to keep")
@@ -511,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kv-group (whole groups) or none")
     shrink.add_argument("--drop-blocks", type=int, default=0, help="causal LMs: also remove this many decoder blocks "
                         "with the lowest block influence (ShortGPT)")
+    shrink.add_argument("--skip-untraceable", action="store_true", help="with --drop-blocks on a prunekit.nets "
+                        "model: leave modules torch.fx cannot trace out of the candidates (listed in the notes) "
+                        "instead of refusing")
     shrink.add_argument("--input-shape", help="example input for prunekit.nets models, e.g. 1,3,224,224")
     shrink.add_argument("--calib", metavar="FILE", help="calibration text (default: the embedded English text)")
     _dataset_flags(shrink)
@@ -538,8 +564,8 @@ def _dataset_flags(parser: Any) -> None:
     parser.add_argument("--calib-dataset", metavar="NAME", help="calibration text from a `datasets` dataset instead "
                         "of --calib: a hub name or a folder written by save_to_disk (needs `pip install datasets`)")
     parser.add_argument("--calib-config", metavar="CONFIG", help="the dataset's configuration (e.g. wikitext-2-raw-v1)")
-    parser.add_argument("--calib-split", metavar="SPLIT", default="train", help="the split to read (default train)")
-    parser.add_argument("--calib-column", metavar="COLUMN", default="text", help="the text column (default text)")
+    parser.add_argument("--calib-split", metavar="SPLIT", help="the split to read (default train)")
+    parser.add_argument("--calib-column", metavar="COLUMN", help="the text column (default text)")
 
 
 def _calibration_source(args: argparse.Namespace) -> Any:
@@ -547,10 +573,19 @@ def _calibration_source(args: argparse.Namespace) -> Any:
     from .calibration import DatasetText
 
     if args.calib_dataset is None:
+        for name in ("calib_config", "calib_split", "calib_column"):
+            if getattr(args, name) is not None:
+                raise ArgumentError(_flag(name), getattr(args, name), "given only with --calib-dataset (it names "
+                                    "the dataset's configuration, split or column)")
         return args.calib
     if args.calib is not None:
         raise ArgumentError("--calib-dataset", args.calib_dataset, "either --calib FILE or --calib-dataset, not both")
-    return DatasetText(args.calib_dataset, args.calib_config, args.calib_split, args.calib_column)
+    return DatasetText(args.calib_dataset, args.calib_config, args.calib_split or "train", args.calib_column or "text")
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a Python keyword: n_samples -> --n-samples."""
+    return "--" + name.replace("_", "-")
 
 
 def _output_flags(parser: argparse.ArgumentParser) -> None:
@@ -565,6 +600,35 @@ def _stderr_log(quiet: bool) -> Callable[[str], None]:
     return lambda message: print(f"prunekit: {message}", file=sys.stderr, flush=True)
 
 
+# Commands whose errors from the Python layer (keywords such as seq_len) are renamed to the flag the user typed.
+FLAG_ERROR_COMMANDS = ("prune", "shrink", "demo", "eval")
+
+
+def _as_flag_error(parser: argparse.ArgumentParser, command: str, error: PruneError) -> PruneError:
+    """The error with a Python keyword that is one of the command's own options renamed to its flag (or MODEL)."""
+    if command not in FLAG_ERROR_COMMANDS or not isinstance(error, ArgumentError):
+        return error
+    flags = _command_flags(parser, command)
+    if error.argument not in flags:
+        return error
+    return ArgumentError(flags[error.argument], error.value, error.allowed, error.hint)
+
+
+def _command_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """{dest: what the user types} for one subcommand: its long flag, or the metavar of a positional."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            flags = {}
+            for option in action.choices[command]._actions:
+                long = [o for o in option.option_strings if o.startswith("--")]
+                if long:
+                    flags[option.dest] = long[0]
+                elif not option.option_strings:
+                    flags[option.dest] = option.metavar or option.dest.upper()
+            return flags
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `prunekit` console script; returns the exit code."""
     parser = build_parser()
@@ -572,7 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except PruneError as error:
-        print(f"prunekit: error: {error}", file=sys.stderr)
+        print(f"prunekit: error: {_as_flag_error(parser, args.command, error)}", file=sys.stderr)
         return EXIT_USAGE
     except ImportError as error:  # an optional extra is missing: say which, without a traceback
         print(f"prunekit: error: {error}", file=sys.stderr)
@@ -583,6 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader left (`prunekit methods | head`): point stdout at /dev/null so the exit flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as error:  # anything else still ends in one line; PRUNEKIT_TRACEBACK=1 shows where it came from
+        if os.environ.get("PRUNEKIT_TRACEBACK"):
+            raise
+        print(f"prunekit: error: {type(error).__name__}: {error} (set PRUNEKIT_TRACEBACK=1 to see the traceback)",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -14,7 +14,7 @@ class ArgumentError(PruneError):
     """An argument has a value prunekit cannot use."""
 
     def __init__(self, argument: str, value: Any, allowed: str, hint: str = "") -> None:
-        self.argument, self.value, self.allowed = argument, value, allowed
+        self.argument, self.value, self.allowed, self.hint = argument, value, allowed, hint
         message = f"{argument}={value!r} is not valid: {allowed}"
         if hint:
             message += f". {hint}"

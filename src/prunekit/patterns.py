@@ -8,6 +8,7 @@ Every pattern works on the (outputs x inputs) matrix view of layout.py:
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -180,4 +181,5 @@ def parse_pattern(pattern: "str | Pattern") -> Pattern:
         if r < 1 or c < 1:
             raise ArgumentError("pattern", pattern, "a block shape with positive sides, such as '4x1'")
         return Unstructured() if r == c == 1 else Blocks(r, c)
-    raise ArgumentError("pattern", pattern, ALLOWED)
+    close = difflib.get_close_matches(pattern.strip().lower(), ("unstructured", "element", "2:4", "4:8", "4x1"), n=1)
+    raise ArgumentError("pattern", pattern, ALLOWED, f"Did you mean {close[0]!r}?" if close else "")

@@ -10,10 +10,12 @@ import os
 import resource
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import ArgumentError, check_sparsity
 from .methods import get_method
+from .patterns import NM, Unstructured, parse_pattern
 
 # When calibration and evaluation come from the same text, the last tenth is held out for evaluation.
 HELD_OUT_SHARE = 0.1
@@ -33,6 +35,58 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def language_methods() -> list[str]:
+    """Methods that run on a causal LM here: the calibration methods, and the data-free ones (no gradients,
+    example inputs or output measurements, which this job does not supply)."""
+    from .methods import METHODS
+    from .scores import DATA_FREE
+
+    return [m.name for m in METHODS.values() if m.runner is not None
+            or (m.score in DATA_FREE and m.score != "synflow" and m.budget != "rate-distortion")]
+
+
+def check_language_method(recipe: Any, options: dict[str, Any], checkpoint_dir: Any) -> None:
+    """Refuse, before anything loads, a method or keyword this job would not use as asked."""
+    from .api import RUNNER_UNUSED, SCORE_OPTIONS, refuse_unused_by_runner
+    from .budget import BUDGETS
+    from .errors import unknown_choice
+    from .scores import DATA_FREE, SCORES
+
+    usable = language_methods()
+    if recipe.name not in usable:
+        raise ArgumentError("method", recipe.name, "a method that runs on a causal language model: "
+                            + ", ".join(usable), "The others need gradients, example inputs or output "
+                            "measurements on data this job does not take")
+    if recipe.runner is not None:
+        given = {name: options.get(name, default) for name, default in RUNNER_UNUSED.items()}
+        refuse_unused_by_runner(recipe, **given)
+        from .methods.wanda import check_runner_options
+
+        rest = {k: v for k, v in options.items() if k not in RUNNER_UNUSED and k not in ("include", "ignore")}
+        solver, allocation = recipe.score, recipe.budget
+        check_runner_options(recipe.name, solver, "owl" if allocation == "owl" else "uniform", rest)
+        return
+    if checkpoint_dir is not None:
+        raise ArgumentError("checkpoint_dir", os.fspath(checkpoint_dir), f"None for method {recipe.name!r} "
+                            "(only the calibration methods run block by block and resume)")
+    score = options.get("score") or recipe.score
+    if score not in SCORES:
+        raise unknown_choice("score", score, SCORES)
+    if score not in DATA_FREE or score == "synflow":
+        raise ArgumentError("score", score, "a data-free score for a causal LM: " + ", ".join(
+            sorted(s for s in DATA_FREE if s != "synflow")))
+    budget = options.get("budget") or recipe.budget
+    if budget not in BUDGETS:
+        raise unknown_choice("budget", budget, BUDGETS)
+    if budget == "rate-distortion":
+        raise ArgumentError("budget", budget, "one of " + ", ".join(b for b in BUDGETS if b != "rate-distortion")
+                            + " for a causal LM (rate-distortion measures outputs on data this job does not take)")
+    keywords = ("score", "budget", "min_keep", "types", "include", "ignore", *SCORE_OPTIONS.get(score, ()))
+    for name, value in options.items():
+        if name not in keywords:
+            raise ArgumentError(name, value, f"not given: method {recipe.name!r} does not use it")
 
 
 def split_held_out(text: str, share: float = HELD_OUT_SHARE) -> tuple[str, str]:
@@ -73,7 +127,7 @@ def prune_language_model(
     `device`: "auto" runs on this rank's GPU (cuda:LOCAL_RANK) when CUDA is available, else on the CPU.
     """
     from . import prune
-    from .calibration import calibration_samples, load_text
+    from .calibration import calibration_samples, check_calibration_tokens, load_text
     from .evaluate import perplexity
     from .export import check_destination, save_pretrained
     from .hf import check_sequence_length
@@ -81,6 +135,9 @@ def prune_language_model(
     from .zoo import load_causal_lm
 
     recipe = get_method(method)
+    check_language_method(recipe, options, checkpoint_dir)
+    if recipe.runner is not None and not isinstance(parse_pattern(pattern), (Unstructured, NM)):
+        raise ArgumentError("pattern", pattern, f"'unstructured' or N:M (such as '2:4') for method {recipe.name!r}")
     if not isinstance(sparsity, (list, tuple)) and sparsity is not None:
         check_sparsity(sparsity)
     for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("eval_tokens", eval_tokens)):
@@ -98,24 +155,31 @@ def prune_language_model(
             raise ArgumentError("checkpoint_dir", os.fspath(checkpoint_dir), "None with out_of_core (an out-of-core "
                                 "run resumes from its own staging folder beside `out`: rerun the same command)")
     init_from_environment()  # under torchrun: join the group; the samples are then shared across the ranks
-    calib_text = load_text(calib)
-    eval_text = load_text(ppl) if ppl is not None else None
+    calib_text = load_text(calib, argument="calib")
+    eval_text = load_text(ppl, argument="ppl") if ppl is not None else None
     if eval_text is None or (ppl == calib):
         calib_text, eval_text = split_held_out(calib_text)
 
     log = log or (lambda message: None)
+    # The tokenizer and config only (seconds): the text and lengths are checked before the weights load.
+    config, tokenizer = load_tokenizer(model)
+    check_sequence_length(SimpleNamespace(config=config), seq_len)
+    check_calibration_tokens(calib_text, tokenizer, n_samples, seq_len, source=calib)
+    samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
     device = resolve_device(device)
     if out_of_core:
-        return _prune_out_of_core(model, recipe.name, sparsity, pattern, calib_text, eval_text, n_samples, seq_len,
-                                  seed, out, overwrite, eval_tokens, window, evaluate, progress, log,
-                                  dict(options, device=device))
+        from .evaluate import encode, tokenizer_adds_bos
+
+        eval_ids = encode(tokenizer, eval_text)[:eval_tokens] if evaluate else None
+        bos = tokenizer.bos_token_id if evaluate and tokenizer_adds_bos(tokenizer) else None
+        del tokenizer  # the pruned folder gets the tokenizer's files copied as they are; its memory is not needed
+        return _prune_out_of_core(model, recipe.name, sparsity, pattern, samples, eval_ids, bos, seq_len, seed, out,
+                                  overwrite, eval_tokens, window, progress, log, dict(options, device=device))
     log(f"loading {os.fspath(model)}")
     started = time.perf_counter()
     lm, tokenizer = load_causal_lm(model)
     lm.to(device)
     load_seconds = time.perf_counter() - started
-    check_sequence_length(lm, seq_len)
-    samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
     log(f"loaded in {load_seconds:.1f} s; {len(samples)} calibration samples of {seq_len} tokens")
 
     writer = is_writer()  # under torchrun only rank 0 evaluates and writes; every rank calibrates and prunes
@@ -131,10 +195,11 @@ def prune_language_model(
         log(f"dense perplexity {dense_ppl:.3f}")
     log(f"pruning with {recipe.name}")
     started = time.perf_counter()
-    data = samples if recipe.runner is not None else None
-    report = prune(lm, recipe.name, sparsity, pattern=pattern, data=data, apply="bake", seed=seed,
-                   **({"checkpoint_dir": checkpoint_dir, "progress": progress} if recipe.runner is not None else {}),
-                   **options)
+    if recipe.runner is not None:  # calibration methods; seed only picked the samples
+        report = prune(lm, recipe.name, sparsity, pattern=pattern, data=samples, apply="bake",
+                       checkpoint_dir=checkpoint_dir, progress=progress, **options)
+    else:
+        report = prune(lm, recipe.name, sparsity, pattern=pattern, apply="bake", seed=seed, **options)
     prune_seconds = time.perf_counter() - started
     pruned_ppl = measure()
     if pruned_ppl is not None:
@@ -153,28 +218,29 @@ def prune_language_model(
     return summary
 
 
-def _prune_out_of_core(model, method, sparsity, pattern, calib_text, eval_text, n_samples, seq_len, seed, out,
-                       overwrite, eval_tokens, window, evaluate, progress, log, options) -> dict[str, Any]:
-    """The same job as prune_language_model, block by block from the memory-mapped checkpoint (prunekit.streaming)."""
-    from types import SimpleNamespace
-
+def load_tokenizer(model: str | os.PathLike) -> tuple[Any, Any]:
+    """(config, tokenizer) of a causal LM without its weights, for the checks that come before loading it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .calibration import calibration_samples
-    from .evaluate import encode, tokenizer_adds_bos
-    from .hf import check_sequence_length
+    from .errors import ModelError
+    from .zoo import resolve_model
+
+    source = resolve_model(model)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the config and tokenizer of {os.fspath(model)!r} (resolved to {source!r}): "
+                         f"{error}") from error
+    return config, tokenizer
+
+
+def _prune_out_of_core(model, method, sparsity, pattern, samples, eval_ids, bos, seq_len, seed, out, overwrite,
+                       eval_tokens, window, progress, log, options) -> dict[str, Any]:
+    """The same job as prune_language_model, block by block from the memory-mapped checkpoint (prunekit.streaming)."""
     from .streaming import prune_out_of_core, release_free_memory, resolve_folder
 
     folder = resolve_folder(model)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    check_sequence_length(SimpleNamespace(config=config), seq_len)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
-    eval_ids, bos = None, None
-    if evaluate:
-        eval_ids = encode(tokenizer, eval_text)[:eval_tokens]
-        bos = tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
-    del tokenizer  # the pruned folder gets the tokenizer's files copied as they are; its memory is not needed
     gc.collect()
     release_free_memory()
     log(f"pruning {folder} out of core with {method}; {len(samples)} calibration samples of {seq_len} tokens")

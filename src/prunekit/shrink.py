@@ -128,25 +128,44 @@ def shrink(
     out: str | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    fallback: str | None = None,
+    skip_untraceable: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
-    """Load, prune structurally, measure before/after, save. Returns a JSON-ready summary."""
+    """Load, prune structurally, measure before/after, save. Returns a JSON-ready summary.
+
+    fallback: with method bn-scale or fpgm, score the groups they cannot by this group norm ("l1"/"l2") instead of
+    refusing them. skip_untraceable: with drop_blocks on a plain torch model, leave shape-preserving modules torch.fx
+    cannot trace out of the candidates instead of refusing them. Either substitute is listed in the notes.
+    """
+    from prunekit.calibration import load_text
     from prunekit.measure import cost_report
 
     if method not in METHODS:
         raise unknown_choice("method", method, METHODS)
+    if fallback is not None and method not in ("bn-scale", "fpgm"):
+        raise ArgumentError("fallback", fallback, f"left out for method {method!r} (only bn-scale and fpgm may "
+                            "need a substitute score)")
     if out is not None:
         from prunekit.export import check_destination
 
         check_destination(Path(out), overwrite)
+    # The file is read before the model loads, so a missing or empty one fails at once.
+    text = load_text(calib, argument="calib") if calib is not None else None
     log(f"loading {model_name}")
     model, example, tokenizer, kind = load_model(model_name, input_shape, seed, seq_len)
     check_job(method, kind, budget, drop_blocks)
+    if calib is not None and kind != "causal-lm":
+        raise ArgumentError("calib", calib if isinstance(calib, str) else repr(calib), f"left out for this model "
+                            f"({kind}): calibration text is read only for causal language models")
+    if skip_untraceable and not (drop_blocks and kind == "net"):
+        raise ArgumentError("skip_untraceable", skip_untraceable, "False unless drop_blocks removes residual blocks "
+                            "of a plain torch model (the only step that traces candidate blocks one by one)")
     batches = (1, 16) if measure_latency else ()
     log("measuring the dense model")
     before = cost_report(model, example, latency_batches=batches, measure_time=measure_latency)
-    samples, held_out = _text_for(kind, tokenizer, calib, n_samples, seq_len, seed, method, drop_blocks)
+    samples, held_out = _text_for(kind, tokenizer, text, n_samples, seq_len, seed, method, drop_blocks)
     dense_ppl = _perplexity(model, tokenizer, held_out, eval_tokens, progress) if held_out is not None else None
     started = time.perf_counter()
     notes: list[str] = []
@@ -154,15 +173,17 @@ def shrink(
     if drop_blocks and kind == "net":
         from prunekit.graph.depth import drop_residual_blocks
 
-        dropped, influence = drop_residual_blocks(model, example, drop_blocks)
+        dropped, influence, untraceable = drop_residual_blocks(model, example, drop_blocks, skip_untraceable)
         notes.append(f"removed residual blocks {dropped} (lowest block influence of {len(influence)})")
+        if untraceable:
+            notes.append(f"not candidates (cannot be traced, skipped as asked): {untraceable}")
     elif drop_blocks:
         from prunekit.graph.transformers import block_influence, remove_blocks
 
         influence = block_influence(model, samples)
         chosen = sorted(range(len(influence)), key=lambda i: influence[i])[:drop_blocks]
         notes += [f"removed blocks {sorted(chosen)} (lowest block influence)"] + remove_blocks(model, chosen)
-    result = _prune(model, example, method, ratio, budget, target, round_to, heads, samples, seed, progress)
+    result = _prune(model, example, method, ratio, budget, target, round_to, heads, samples, seed, progress, fallback)
     result.removed_modules = dropped
     prune_seconds = time.perf_counter() - started
     log("measuring the pruned model")
@@ -174,16 +195,17 @@ def shrink(
             "dense_perplexity": dense_ppl, "pruned_perplexity": pruned_ppl, "notes": notes, "out": saved}
 
 
-def _text_for(kind: str, tokenizer: Any, calib: str | None, n_samples: int, seq_len: int, seed: int, method: str,
+def _text_for(kind: str, tokenizer: Any, text: str | None, n_samples: int, seq_len: int, seed: int, method: str,
               drop_blocks: int) -> tuple[Any, str | None]:
     if kind != "causal-lm":
         return None, None
-    from prunekit.calibration import calibration_samples, load_text
+    from prunekit.calibration import calibration_samples, check_calibration_tokens, load_text
     from prunekit.pipeline import split_held_out
 
-    text = load_text(calib)
-    calibration_text, held_out = split_held_out(text)
+    calibration_text, held_out = split_held_out(load_text(None) if text is None else text)
     needs_samples = method in LLM_METHODS or drop_blocks
+    if needs_samples:
+        check_calibration_tokens(calibration_text, tokenizer, n_samples, seq_len)
     samples = calibration_samples(calibration_text, tokenizer, n_samples, seq_len, seed) if needs_samples else None
     return samples, held_out
 
@@ -194,7 +216,7 @@ def _perplexity(model: nn.Module, tokenizer: Any, text: str, eval_tokens: int, p
     return perplexity(model, tokenizer, text, max_tokens=eval_tokens, progress=progress)
 
 
-def _prune(model, example, method, ratio, budget, target, round_to, heads, samples, seed, progress):
+def _prune(model, example, method, ratio, budget, target, round_to, heads, samples, seed, progress, fallback):
     if method == "flap":
         from prunekit.graph.llm_structured import flap
 
@@ -211,8 +233,13 @@ def _prune(model, example, method, ratio, budget, target, round_to, heads, sampl
         graph = transformers_graph(model, heads=heads)
     else:
         graph = default_graph(model, example)
-    return prune_structured(model, example, ratio, score=method, budget=budget, target=target, round_to=round_to,
-                            seed=seed, graph=graph)
+    try:
+        return prune_structured(model, example, ratio, score=method, budget=budget, target=target,
+                                round_to=round_to, seed=seed, fallback=fallback, graph=graph)
+    except ArgumentError as error:
+        if error.argument != "score":
+            raise
+        raise ArgumentError("method", error.value, error.allowed, error.hint) from None
 
 
 def _save(model, tokenizer, kind, result, out, overwrite, notes) -> dict[str, Any]:

@@ -71,7 +71,8 @@ def run_language_cell(method: str, sparsity: float, seed: int, task: TextTask, m
         recipe = get_method(method)
         if recipe.runner is not None:
             samples = calibration_samples(task.calibration_text, tokenizer, task.n_samples, task.seq_len, seed)
-            prune(model, method, sparsity, data=samples, apply="bake", seed=seed, progress=False, **prune_options)
+            # the seed picked the samples; the calibration methods have no other randomness (prune refuses seed=)
+            prune(model, method, sparsity, data=samples, apply="bake", progress=False, **prune_options)
         else:
             prune(model, method, sparsity, include=DECODER_LINEARS, apply="bake", seed=seed, **prune_options)
     if model_name in ENCODER_MODELS:

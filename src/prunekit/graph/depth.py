@@ -15,16 +15,24 @@ import torch.fx as fx
 from torch import nn
 
 from prunekit.errors import ArgumentError
+from prunekit.graph.trace import TraceError
 
 
-def has_identity_shortcut(module: nn.Module) -> bool:
-    """Whether the module's traced forward adds its own input to something (x + f(x))."""
+def has_identity_shortcut(module: nn.Module, name: str = "") -> bool:
+    """Whether the module's traced forward adds its own input to something (x + f(x)).
+
+    A module torch.fx cannot trace raises TraceError naming it: whether it is a residual block is then unknown.
+    """
     if isinstance(module, (nn.Sequential, nn.ModuleList)) or not list(module.children()):
         return False
     try:
         graph = fx.symbolic_trace(module).graph
-    except Exception:  # untraceable blocks are simply not candidates
-        return False
+    except Exception as error:  # fx raises many types; all mean "cannot be read statically"
+        raise TraceError(f"module {name!r} ({type(module).__name__}) keeps its input's shape but cannot be traced "
+                         f"with torch.fx ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}), "
+                         "so whether it is a residual block is unknown. Pass skip_untraceable=True (CLI: "
+                         "--skip-untraceable) to leave such modules out of the candidates; they are then listed "
+                         "in the result") from None
     inputs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
         return False
@@ -36,24 +44,49 @@ def has_identity_shortcut(module: nn.Module) -> bool:
     return False
 
 
-def residual_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
-    """Names of the submodules that are residual blocks with an identity shortcut and keep their input's shape."""
+def find_residual_blocks(model: nn.Module, example_inputs: Any,
+                         skip_untraceable: bool = False) -> tuple[list[str], list[str]]:
+    """(residual blocks with an identity shortcut that keep their input's shape, untraceable modules skipped).
+
+    Only modules whose forward maps a tensor to a tensor of the same shape can be such blocks, so only those are
+    traced; one that cannot be traced raises TraceError unless `skip_untraceable`, and is then returned as skipped.
+    """
+    if not isinstance(skip_untraceable, bool):
+        raise ArgumentError("skip_untraceable", skip_untraceable, "True or False")
     shapes: dict[str, tuple[tuple, tuple]] = {}
-    candidates = {name: m for name, m in model.named_modules() if name and has_identity_shortcut(m)}
+    modules = {name: m for name, m in model.named_modules()
+               if name and list(m.children()) and not isinstance(m, (nn.Sequential, nn.ModuleList))}
 
     def record(name: str, args: tuple, output: Any) -> None:  # returns None: a hook's return would replace the output
         if isinstance(output, torch.Tensor) and args and isinstance(args[0], torch.Tensor):
             shapes.setdefault(name, (tuple(args[0].shape), tuple(output.shape)))
 
     handles = [m.register_forward_hook(lambda mod, args, out, n=name: record(n, args, out))
-               for name, m in candidates.items()]
+               for name, m in modules.items()]
     try:
         with torch.no_grad():
             _forward(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return [name for name in candidates if name in shapes and shapes[name][0] == shapes[name][1]]
+    blocks, skipped = [], []
+    for name, module in modules.items():
+        if name not in shapes or shapes[name][0] != shapes[name][1]:
+            continue
+        try:
+            if has_identity_shortcut(module, name):
+                blocks.append(name)
+        except TraceError:
+            if not skip_untraceable:
+                raise
+            skipped.append(name)
+    return blocks, skipped
+
+
+def residual_blocks(model: nn.Module, example_inputs: Any) -> list[str]:
+    """Names of the submodules that are residual blocks with an identity shortcut and keep their input's shape
+    (an untraceable candidate raises TraceError; see find_residual_blocks to skip and list those)."""
+    return find_residual_blocks(model, example_inputs)[0]
 
 
 def _forward(model: nn.Module, example_inputs: Any) -> Any:
@@ -101,13 +134,17 @@ def replace_with_identity(model: nn.Module, names: Iterable[str]) -> list[str]:
     return names
 
 
-def drop_residual_blocks(model: nn.Module, example_inputs: Any, count: int) -> tuple[list[str], dict[str, float]]:
-    """Remove the `count` residual blocks of lowest block influence; returns (removed names, every block's influence)."""
-    blocks = residual_blocks(model, example_inputs)
+def drop_residual_blocks(model: nn.Module, example_inputs: Any, count: int, skip_untraceable: bool = False
+                         ) -> tuple[list[str], dict[str, float], list[str]]:
+    """Remove the `count` residual blocks of lowest block influence.
+
+    Returns (removed names, every block's influence, untraceable modules skipped: only with skip_untraceable).
+    """
+    blocks, skipped = find_residual_blocks(model, example_inputs, skip_untraceable)
     if not isinstance(count, int) or isinstance(count, bool) or count < 0 or (count and count >= len(blocks)):
         raise ArgumentError("count", count, f"an integer from 0 to {max(0, len(blocks) - 1)} "
                             f"(the model has {len(blocks)} removable residual blocks)")
     influence = residual_block_influence(model, example_inputs, blocks)
     chosen = sorted(blocks, key=lambda n: influence[n])[:count]
     replace_with_identity(model, chosen)
-    return chosen, influence
+    return chosen, influence, skipped

@@ -18,6 +18,7 @@ from torch import nn
 from prunekit.errors import ArgumentError, ModelError, check_sparsity, unknown_choice
 from prunekit.graph.groups import DependencyGraph, Group
 from prunekit.graph.importance import NEEDS_GRADIENTS, get_score, gradient_group_scores
+from prunekit.graph.importance import FALLBACKS
 from prunekit.graph.surgery import Plan, apply_checked, apply_plan, merge_removals, plan_from_removals, run_located
 
 BUDGETS = ("uniform", "global", "macs", "latency")
@@ -226,6 +227,7 @@ def prune_structured(
     loss_fn: Callable | None = None,
     n_batches: int = 1,
     seed: int = 0,
+    fallback: str | None = None,
     graph: DependencyGraph | None = None,
     measure_costs: bool = False,
     latency_batch: int = 16,
@@ -236,6 +238,8 @@ def prune_structured(
     ratio: share of units to remove (uniform: in every group; global: across all groups).
     budget: "uniform", "global", "macs" or "latency" (the last two search the global ratio that keeps `target`
     of the dense MACs or measured latency at batch `latency_batch`).
+    fallback: for score "bn-scale" or "fpgm", score groups they cannot ("l1" or "l2") instead of refusing them;
+    each such group is named in the result's notes.
     untracked_sizes: "keep-whole" (groups whose size a reshape reads from a constant of no attribute are not pruned,
     and the decisions say why) or "error".
     Before returning, the pruned model runs on `example_inputs`; if that fails (or the output shape changes) the
@@ -243,6 +247,11 @@ def prune_structured(
     """
     _check_options(ratio, budget, target, round_to)
     get_score(score)
+    if fallback is not None and score not in ("bn-scale", "fpgm"):
+        raise ArgumentError("fallback", fallback, f"None for score {score!r} (it scores every group; only bn-scale "
+                            "and fpgm may need a substitute)")
+    if fallback is not None and fallback not in FALLBACKS:
+        raise unknown_choice("fallback", fallback, FALLBACKS)
     if untracked_sizes not in UNTRACKED_SIZES:
         raise unknown_choice("untracked_sizes", untracked_sizes, UNTRACKED_SIZES)
     check_inputs = _check_inputs(model, example_inputs)
@@ -256,7 +265,7 @@ def prune_structured(
     if graph is None:
         graph = default_graph(model, example_inputs, barriers)
     groups, skipped = select_groups(graph, ignore, untracked_sizes)
-    options = {"seed": seed}
+    options = {"seed": seed, "fallback": fallback}
     if score in NEEDS_GRADIENTS:
         scores = gradient_group_scores(model, groups, score, options, data, loss_fn, n_batches)
     else:
@@ -291,7 +300,7 @@ def prune_structured(
         costs["after"] = cost_report(model, example_inputs)
     settings = {"ratio": ratio, "score": score, "budget": budget, "target": target, "round_to": round_to,
                 "barriers": sorted(barriers), "ignore": sorted(ignore), "seed": seed,
-                "untracked_sizes": untracked_sizes}
+                "fallback": fallback, "untracked_sizes": untracked_sizes}
     return StructuredResult(plan, decisions, graph, settings, costs)
 
 
