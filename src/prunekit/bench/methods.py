@@ -295,16 +295,22 @@ def _structured(method: str, ratio: float, ctx: CellContext, scratch: bool) -> C
         score = score[: -len(SCRATCH_SUFFIX)]
     model = ctx.dense_trained().eval()
     calibration = ctx.calibration
-    prune_structured(model, ctx.example, ratio, score=score, budget=ctx.training["structured_budget"],
-                     data=calibration, n_batches=len(calibration), seed=ctx.seed)
+    # bn-scale/FPGM on a model with groups they cannot score (an MLP, a ViT): those groups use the group L2 norm,
+    # and the cell's notes say how many did
+    fallback = "l2" if score in ("bn-scale", "fpgm") else None
+    result = prune_structured(model, ctx.example, ratio, score=score, budget=ctx.training["structured_budget"],
+                              data=calibration, n_batches=len(calibration), seed=ctx.seed, fallback=fallback)
+    substituted = [d for d in result.decisions if any("fallback=" in note for note in d.notes)]
+    notes = [f"{len(substituted)} of {len(result.decisions)} groups scored by group L2 norm instead of {score} "
+             "(no BatchNorm or no producing layer in them)"] if substituted else []
     epochs, total = ctx.training["epochs"], ctx.training["epochs"] + ctx.training["finetune_epochs"]
     if not scratch:
         pruned = accuracy(model, ctx.task.x_test, ctx.task.y_test)
         steps = epochs * ctx.steps_per_epoch + train_epochs(model, ctx, epochs, total)
-        return CellOutcome(model, steps, pruned_accuracy=pruned)
+        return CellOutcome(model, steps, pruned_accuracy=pruned, notes=notes)
     reinitialise(model, ctx.seed)
     return CellOutcome(model, train_epochs(model, ctx, 0, total),
-                       notes=["the pruned architecture, re-initialised and trained from scratch"])
+                       notes=[*notes, "the pruned architecture, re-initialised and trained from scratch"])
 
 
 @torch.no_grad()
