@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunekit.errors import ArgumentError, ModelError, unknown_choice
-from prunekit.graph.groups import Barrier, DependencyGraph, Group, Member
+from prunekit.graph.groups import ATTRIBUTE, Barrier, DependencyGraph, Group, Member
 
 FROZEN = 0  # the id every unprunable channel is tied to
 
@@ -62,6 +62,27 @@ class Chan:
 
     dim: int
     ids: np.ndarray
+
+
+@dataclass
+class Heads:
+    """Channel ids split over several dimensions (attention heads x head width, or q/k/v x heads x width): `dims`
+    (ascending) hold the axes of `ids` in order."""
+
+    dims: tuple[int, ...]
+    ids: np.ndarray
+
+
+@dataclass
+class ShapeConstant:
+    """An int a reshape or view baked in as the size of a dimension that holds channels: `grid[i]` are the ids of
+    position i along it. After pruning the size must follow, through an attribute the forward reads it from."""
+
+    node: str
+    module: str  # the module whose forward made the call ("" for the root)
+    position: int  # which argument of the target shape
+    value: int
+    grid: np.ndarray  # [value, k]
 
 
 @dataclass
@@ -333,6 +354,10 @@ class _Analysis:
         self.barriers: list[Barrier] = []
         self.values: dict[fx.Node, Any] = {}
         self.heads: set[str] = set()  # modules whose units are attention heads
+        self.constants: list[ShapeConstant] = []
+        self.head_ids: list[np.ndarray] = []  # ids of channels contracted per head (attention products)
+        self.unit_of: dict[int, tuple[Group, int]] = {}  # component label -> (group, unit), filled by _assemble
+        self.labels: np.ndarray = np.zeros(0, np.int64)
 
     # ids, couplings, members
 
@@ -390,6 +415,9 @@ class _Analysis:
         for node in self.traced.graph.nodes:
             handler = getattr(self, f"_{node.op}")
             try:
+                if node.op.startswith("call_") and not _heads_aware(node) and any(
+                        isinstance(v, Heads) for v in _flat(self.value(list(node.args) + list(node.kwargs.values())))):
+                    raise _Unsupported("an operation on attention heads the tracer has no rule for")
                 self.values[node] = handler(node)
             except _Unsupported as reason:
                 where = str(node.target) if node.op == "call_module" else node.name
@@ -409,8 +437,8 @@ class _Analysis:
     def _get_attr(self, node: fx.Node) -> Any:
         owner, _, param = str(node.target).rpartition(".")
         tensor = getattr(self.modules[owner], param) if owner in self.modules else getattr(self.traced, str(node.target))
-        if not isinstance(tensor, torch.Tensor):
-            return None
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            return None  # integer buffers (index tables) are constants, never sliced
         return ParamRef(owner, param, tuple(tensor.shape))
 
     def _call_module(self, node: fx.Node) -> Any:
@@ -468,6 +496,14 @@ class _Analysis:
             return self._reorder(node)
         if target in (torch.reshape,):
             return self._reshape(node)
+        if target in (operator.matmul, torch.matmul, torch.bmm):
+            return self._matmul(node)
+        if target is torch.einsum:
+            return self._einsum(node)
+        if target in (torch.roll, torch.flip):
+            return self._shift(node)
+        if target is torch.unbind:
+            return self._unbind(node)
         if target in (torch.unsqueeze, torch.squeeze):
             return self._reshape(node)
         if target in (getattr, len):
@@ -500,6 +536,12 @@ class _Analysis:
             return self._split(node)
         if method in ("expand", "expand_as"):
             return self._expand(node, source)
+        if method in ("matmul", "bmm"):
+            return self._matmul(node)
+        if method in ("roll", "flip"):
+            return self._shift(node)
+        if method == "unbind":
+            return self._unbind(node)
         raise _Unsupported(f"no channel rule for Tensor.{method}")
 
     # layers
@@ -600,7 +642,7 @@ class _Analysis:
             raise _Unsupported("elementwise op with a second tensor operand it does not know")
         if isinstance(source, ParamRef):
             return source
-        return source if isinstance(source, Chan) else None
+        return source if isinstance(source, (Chan, Heads)) else None
 
     def _elementwise(self, node: fx.Node) -> Any:
         out_shape = self.shape(node)
@@ -608,6 +650,8 @@ class _Analysis:
             return None
         ndim = len(out_shape)
         operands = list(node.args) + list(node.kwargs.values())
+        if any(isinstance(self.value(arg), Heads) for arg in operands):
+            return self._elementwise_heads(node, operands, ndim)
         chans = []
         for arg in operands:
             value = self.value(arg)
@@ -639,6 +683,26 @@ class _Analysis:
             self.freeze(value)
             self.barriers.append(Barrier(node.name, "channels meet a tensor that cannot be pruned"))
         return Chan(dim, ids)
+
+    def _elementwise_heads(self, node: fx.Node, operands: list[Any], ndim: int) -> Heads:
+        """Heads combined with scalars, with tensors broadcast along every head dimension, or with the same heads."""
+        first: Heads | None = None
+        for arg in operands:
+            value, shape = self.value(arg), self.shape(arg)
+            if isinstance(value, Heads):
+                aligned = Heads(tuple(d + ndim - len(shape) for d in value.dims), value.ids)
+                if first is None:
+                    first = aligned
+                elif aligned.dims != first.dims or aligned.ids.shape != first.ids.shape:
+                    raise _Unsupported("attention heads combined in different layouts")
+                else:
+                    self.tie(first.ids.reshape(-1), aligned.ids.reshape(-1))
+            elif isinstance(value, (Chan, ParamRef)):
+                raise _Unsupported("attention heads combined with other channels")
+            elif isinstance(shape, tuple):
+                if any(d - (ndim - len(shape)) >= 0 and shape[d - (ndim - len(shape))] != 1 for d in first.dims if first):
+                    raise _Unsupported("attention heads meet a tensor that cannot be pruned")
+        return first
 
     def _expand(self, node: fx.Node, source: Any) -> Any:
         shape = self.shape(node)
@@ -710,9 +774,11 @@ class _Analysis:
         value = self.value(container)
         if isinstance(value, (tuple, list)):
             return value[index] if isinstance(index, int) and index < len(value) else None
+        if isinstance(value, Heads):
+            return self._index_heads(node, value, index)
         if not isinstance(value, Chan):
             if isinstance(value, ParamRef):
-                raise _Unsupported("indexing into a parameter")
+                return self._gather_rows(node, value, index)
             return None
         # tensor indexing: ints drop dimensions, slices keep them, None adds one, Ellipsis expands
         in_shape, out_shape = self.shape(container), self.shape(node)
@@ -749,6 +815,13 @@ class _Analysis:
         return self._reduce_like(node, self.value(node.args[0]), dims, keeps_dims=bool(keepdim))
 
     def _reduce_like(self, node: fx.Node, source: Any, dims: Any, keeps_dims: bool) -> Any:
+        if isinstance(source, Heads):
+            ndim = len(self.shape(node.args[0]))
+            reduced = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])] if dims is not None else []
+            if dims is None or set(reduced) & set(source.dims):
+                raise _Unsupported("reduction or softmax over a dimension of attention heads")
+            return Heads(tuple(d - (0 if keeps_dims else sum(1 for r in reduced if r < d)) for d in source.dims),
+                         source.ids)
         if not isinstance(source, Chan):
             if isinstance(source, ParamRef):
                 raise _Unsupported("reduction over a parameter")
@@ -766,7 +839,7 @@ class _Analysis:
         source = self.value(node.args[0])
         if isinstance(source, ParamRef):
             raise _Unsupported("reordering a parameter's dimensions")
-        if not isinstance(source, Chan):
+        if not isinstance(source, (Chan, Heads)):
             return None
         ndim = len(self.shape(node.args[0]))
         target = node.target if isinstance(node.target, str) else node.target.__name__
@@ -780,6 +853,8 @@ class _Analysis:
         else:  # permute(*dims) or permute(dims)
             order = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
             order = [d % ndim for d in order]
+        if isinstance(source, Heads):
+            return _heads([order.index(d) for d in source.dims], source.ids)
         return Chan(order.index(source.dim), source.ids)
 
     def _flatten_args(self, node: fx.Node) -> tuple[int, int]:
@@ -804,6 +879,8 @@ class _Analysis:
         source = self.value(node.args[0])
         if isinstance(source, ParamRef):
             raise _Unsupported("reshaping a parameter")
+        if isinstance(source, Heads):
+            return self._reshape_heads(node, source)
         if not isinstance(source, Chan):
             return None
         in_shape, out_shape = self.shape(node.args[0]), self.shape(node)
@@ -814,11 +891,254 @@ class _Analysis:
         size = in_shape[source.dim]
         for dim in range(len(out_shape)):
             if int(np.prod(out_shape[:dim])) == before and out_shape[dim] == size and int(np.prod(out_shape[dim + 1:])) == after:
+                self._record_constants(node, [dim], source.ids, [0])
                 return Chan(dim, source.ids)
         for dim in range(len(out_shape)):
             if int(np.prod(out_shape[:dim])) == before and out_shape[dim] == size * after and int(np.prod(out_shape[dim + 1:])) == 1:
+                if after > 1 and self._literal(node, dim) is not None:
+                    raise _Unsupported("reshape merges channels with other dimensions into a constant size")
                 return Chan(dim, _flattened_ids(source, in_shape, source.dim, len(in_shape) - 1))
-        raise _Unsupported("reshape that splits the channel dimension (e.g. into attention heads)")
+        # the channel dimension split into consecutive dimensions (heads x head width, or q/k/v x heads x width)
+        for start in range(len(out_shape)):
+            if int(np.prod(out_shape[:start])) != before or out_shape[start] == 1:
+                continue
+            for stop in range(start + 2, len(out_shape) + 1):
+                if int(np.prod(out_shape[start:stop])) == size and int(np.prod(out_shape[stop:])) == after:
+                    dims = list(range(start, stop))
+                    ids = source.ids.reshape(out_shape[start:stop])
+                    self._record_constants(node, dims, ids, list(range(len(dims))))
+                    return Heads(tuple(dims), ids)
+        raise _Unsupported("reshape that splits the channel dimension in a way the tracer cannot follow")
+
+    def _reshape_heads(self, node: fx.Node, source: Heads) -> Any:
+        """Heads through a reshape: every head dimension kept (with its neighbours' products), or all merged into one."""
+        in_shape, out_shape = self.shape(node.args[0]), self.shape(node)
+        prefix = lambda shape, d: int(np.prod(shape[:d]))  # noqa: E731
+        suffix = lambda shape, d: int(np.prod(shape[d + 1:]))  # noqa: E731
+        mapped = []
+        for d in source.dims:
+            match = [e for e in range(len(out_shape)) if prefix(out_shape, e) == prefix(in_shape, d) and
+                     out_shape[e] == in_shape[d] and suffix(out_shape, e) == suffix(in_shape, d)]
+            mapped.append(match[0] if match else None)
+        if None not in mapped:
+            self._record_constants(node, mapped, source.ids, list(range(len(mapped))))
+            return _heads(mapped, source.ids)
+        first, last = source.dims[0], source.dims[-1]
+        if list(source.dims) == list(range(first, last + 1)):
+            size = int(np.prod(source.ids.shape))
+            for e in range(len(out_shape)):
+                if prefix(out_shape, e) == prefix(in_shape, first) and out_shape[e] == size and \
+                        suffix(out_shape, e) == suffix(in_shape, last):
+                    ids = source.ids.reshape(-1)
+                    self._record_constants(node, [e], ids, [0])
+                    return Chan(e, ids)
+        raise _Unsupported("reshape of attention heads the tracer cannot follow")
+
+    # shape constants
+
+    def _target(self, node: fx.Node) -> list[Any] | None:
+        """The target shape a view/reshape was called with, as written (ints, proxies' nodes, -1)."""
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if target not in ("view", "reshape"):
+            return None
+        rest = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+            rest = list(rest[0])
+        if "shape" in node.kwargs:
+            rest = list(node.kwargs["shape"])
+        return rest
+
+    def _literal(self, node: fx.Node, position: int) -> int | None:
+        target = self._target(node)
+        if target is None or len(target) != len(self.shape(node)):
+            return None
+        value = target[position]
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    def _record_constants(self, node: fx.Node, positions: Sequence[int], ids: np.ndarray, axes: Sequence[int]) -> None:
+        """Remember every int literal written where channels land (axis `axes[i]` of ids at output `positions[i]`)."""
+        stack = node.meta.get("nn_module_stack") or {}
+        module = str(list(stack.values())[-1][0]) if stack else ""
+        if module not in self.modules:
+            module = ""
+        for position, axis in zip(positions, axes):
+            value = self._literal(node, position)
+            if value is None:
+                continue
+            grid = np.moveaxis(ids, axis, 0).reshape(ids.shape[axis], -1)
+            self.constants.append(ShapeConstant(node.name, module, position, value, grid))
+
+    # attention heads
+
+    def _index_heads(self, node: fx.Node, value: Heads, index: Any) -> Any:
+        in_shape = self.shape(node.args[0])
+        items = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, (fx.Node, list, torch.Tensor)) or i is Ellipsis for i in items):
+            raise _Unsupported("advanced indexing of attention heads")
+        items = list(items) + [slice(None)] * (len(in_shape) - sum(1 for i in items if i is not None))
+        ids, dims, source_dim, out_dim, axis = value.ids, [], 0, 0, 0
+        for item in items:
+            if item is None:
+                out_dim += 1
+                continue
+            if source_dim in value.dims:
+                if isinstance(item, int):
+                    ids = np.take(ids, item, axis=axis)
+                elif item == slice(None):
+                    dims.append(out_dim)
+                    axis += 1
+                    out_dim += 1
+                else:
+                    raise _Unsupported("slicing a dimension of attention heads")
+            elif not isinstance(item, int):
+                out_dim += 1
+            source_dim += 1
+        return _heads(dims, ids)
+
+    def _unbind(self, node: fx.Node) -> Any:
+        source = self.value(node.args[0])
+        ndim = len(self.shape(node.args[0]))
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0) % ndim
+        count = self.shape(node.args[0])[dim]
+        if isinstance(source, Heads):
+            if dim in source.dims:
+                axis = source.dims.index(dim)
+                rest = [d - (d > dim) for d in source.dims if d != dim]
+                return tuple(_heads(rest, np.take(source.ids, i, axis=axis)) for i in range(count))
+            return tuple(Heads(tuple(d - (d > dim) for d in source.dims), source.ids) for _ in range(count))
+        if isinstance(source, Chan):
+            if source.dim == dim:
+                raise _Unsupported("unbinding the channel dimension")
+            return tuple(Chan(source.dim - (source.dim > dim), source.ids) for _ in range(count))
+        if isinstance(source, ParamRef):
+            raise _Unsupported("unbinding a parameter")
+        return tuple(None for _ in range(count))
+
+    def _gather_rows(self, node: fx.Node, table: ParamRef, index: Any) -> Any:
+        """table[index] with an integer index tensor (a relative position bias table indexed by a buffer): the
+        table's columns (one per head) become channels of the result's last dimension."""
+        if not isinstance(index, fx.Node) or self.value(index) is not None or not isinstance(self.shape(index), tuple) \
+                or len(table.shape) != 2:
+            raise _Unsupported("indexing into a parameter")
+        ids = self.fresh(table.shape[1])
+        self.member(ids, table.module, table.param, 1, np.arange(table.shape[1]), "norm")
+        return Chan(len(self.shape(node)) - 1, ids)
+
+    def _shift(self, node: fx.Node) -> Any:
+        """torch.roll / flip: channels pass when the shifted dimensions hold none."""
+        source = self.value(node.args[0])
+        ndim = len(self.shape(node.args[0]))
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        dims = node.kwargs.get("dims", node.args[2] if name == "roll" and len(node.args) > 2 else
+                               node.args[1] if name == "flip" and len(node.args) > 1 else None)
+        if isinstance(source, ParamRef):
+            raise _Unsupported(f"{name} of a parameter")
+        if not isinstance(source, (Chan, Heads)):
+            return None
+        if dims is None:
+            raise _Unsupported(f"{name} over the flattened tensor")
+        dims = {d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])}
+        held = set(source.dims) if isinstance(source, Heads) else {source.dim}
+        if dims & held:
+            raise _Unsupported(f"{name} along the channel dimension")
+        return source
+
+    def _matmul(self, node: fx.Node) -> Any:
+        a, b = node.args[:2]
+        sa, sb = self.shape(a), self.shape(b)
+        if not (isinstance(sa, tuple) and isinstance(sb, tuple)) or len(sa) < 2 or len(sb) < 2:
+            raise _Unsupported("matmul of vectors")
+        ndim = max(len(sa), len(sb))
+        batch = [f"b{i}" for i in range(ndim - 2)]
+        la = batch[len(batch) - (len(sa) - 2):] + ["n", "k"] if len(sa) > 2 else ["n", "k"]
+        lb = batch[len(batch) - (len(sb) - 2):] + ["k", "m"] if len(sb) > 2 else ["k", "m"]
+        return self._contract(node, [a, b], [la, lb], batch + ["n", "m"])
+
+    def _einsum(self, node: fx.Node) -> Any:
+        equation = node.args[0]
+        operands = list(node.args[1][0] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+                        else node.args[1:])
+        if not isinstance(equation, str) or "..." in equation or "->" not in equation:
+            raise _Unsupported("einsum without an explicit output")
+        inputs, output = equation.replace(" ", "").split("->")
+        return self._contract(node, operands, [list(t) for t in inputs.split(",")], list(output))
+
+    def _contract(self, node: fx.Node, operands: list[Any], labels: list[list[str]], out: list[str]) -> Any:
+        """Products of tensors by labelled dimensions (matmul, einsum): channels on a shared label are one set of
+        channels; a contracted label's channels go together (a whole head)."""
+        values = [self.value(o) for o in operands]
+        if any(isinstance(v, ParamRef) for v in values):
+            raise _Unsupported("product with a parameter")
+        sizes: dict[str, int] = {}
+        carried: list[dict[str, int]] = []  # label -> ids axis, per operand
+        for operand, value, names in zip(operands, values, labels):
+            shape = self.shape(operand)
+            for name, size in zip(names, shape):
+                sizes[name] = max(sizes.get(name, 1), size)
+            dims = [] if value is None else ([value.dim] if isinstance(value, Chan) else list(value.dims))
+            carried.append({names[d]: axis for axis, d in enumerate(dims)})
+        channel_labels = sorted({name for c in carried for name in c}, key=lambda n: (n not in out, n))
+        if not channel_labels:
+            return None
+        for operand, value, names, c in zip(operands, values, labels, carried):
+            for name, size in zip(names, self.shape(operand)):
+                if name in channel_labels and name not in c and size > 1:
+                    raise _Unsupported("channels multiplied with a tensor that holds none")
+        grid_shape = [sizes[n] for n in channel_labels]
+        grids = []
+        for value, c in zip(values, carried):
+            if not c:
+                continue
+            ids = value.ids if isinstance(value, Heads) else value.ids.reshape(-1)
+            mine = [n for n in channel_labels if n in c]
+            ids = np.transpose(ids, [c[n] for n in mine]) if ids.ndim > 1 else ids
+            ids = ids.reshape([sizes[n] if n in c else 1 for n in channel_labels])
+            grids.append((len(c), np.broadcast_to(ids, grid_shape)))
+        grids.sort(key=lambda item: -item[0])
+        reference = grids[0][1]
+        for _, grid in grids[1:]:
+            self.tie(reference.reshape(-1), grid.reshape(-1))
+        kept = [n for n in channel_labels if n in out]
+        for axis, name in enumerate(channel_labels):
+            if name not in out:  # contracted: the channels along it leave together
+                self.tie(reference.reshape(-1), np.broadcast_to(np.take(reference, [0], axis=axis), reference.shape).reshape(-1))
+        self.head_ids.append(reference.reshape(-1)[:1].copy())
+        result = reference[tuple(slice(None) if n in out else 0 for n in channel_labels)]
+        return _heads([out.index(n) for n in kept], np.ascontiguousarray(result))
+
+def _heads(dims: Sequence[int], ids: np.ndarray) -> Any:
+    """Heads with dims ascending (ids axes reordered to match); one dimension left is a Chan, none is nothing."""
+    if not len(dims):
+        return None
+    order = np.argsort(dims)
+    ids = np.transpose(ids, order) if ids.ndim > 1 else ids
+    dims = [dims[i] for i in order]
+    return Chan(dims[0], ids.reshape(-1)) if len(dims) == 1 else Heads(tuple(dims), ids)
+
+
+def _flat(value: Any) -> Iterable[Any]:
+    if isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _flat(item)
+    else:
+        yield value
+
+
+_HEADS_FUNCTIONS = {operator.getitem, operator.mul, operator.truediv, operator.add, operator.sub, torch.mul,
+                    torch.div, torch.add, operator.matmul, torch.matmul, torch.einsum, F.softmax, torch.softmax,
+                    F.dropout, torch.roll, torch.flip, torch.unbind, getattr, torch.reshape, torch.transpose,
+                    torch.permute}
+_HEADS_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "unbind", "mul", "div", "add", "softmax",
+                  "size", "matmul", "roll", "flip", "clone", "to", "float", "type_as", "dim"}
+
+
+def _heads_aware(node: fx.Node) -> bool:
+    """Whether the node's handler follows Heads values (everything else meets them as a barrier)."""
+    if node.op == "call_method":
+        return node.target in _HEADS_METHODS
+    if node.op == "call_module":
+        return False
+    return node.target in _HEADS_FUNCTIONS
 
 
 class _Unsupported(Exception):
@@ -834,8 +1154,8 @@ def _flattened_ids(source: Chan, shape: tuple[int, ...], start: int, end: int) -
     return np.ascontiguousarray(grid).reshape(-1)
 
 
-def _chans_in(value: Any) -> Iterable[Chan]:
-    if isinstance(value, Chan):
+def _chans_in(value: Any) -> Iterable[Chan | Heads]:
+    if isinstance(value, (Chan, Heads)):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
@@ -940,6 +1260,7 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
     a = np.concatenate(edges_a) if edges_a else np.zeros(0, np.int64)
     b = np.concatenate(edges_b) if edges_b else np.zeros(0, np.int64)
     labels = connected_components(analysis.next_id, a, b)
+    analysis.labels = labels
     unit_labels = labels[ids]
     live = unit_labels != labels[FROZEN]
     frozen_units = len(np.unique(unit_labels[~live]))
@@ -980,13 +1301,17 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
             torch.from_numpy(row_position[begin:stop].copy()), analysis.key_roles[int(keys[begin])],
         ))
     groups = []
+    head_labels = {int(labels[i[0]]) for i in analysis.head_ids}
+    heads_groups = {int(group_of_unit[u]) for u, label in enumerate(units.tolist()) if label in head_labels}
     for group_number, members in enumerate(members_of):
         members.sort(key=lambda m: analysis.keys[m.key])
         modules = list(dict.fromkeys(m.module for m in members))
-        is_heads = any(m.module in analysis.heads for m in members)
+        is_heads = any(m.module in analysis.heads for m in members) or group_number in heads_groups
         name = " -> ".join(modules[:4]) + (f" (+{len(modules) - 4} more)" if len(modules) > 4 else "")
         groups.append(Group(name, "head" if is_heads else "channel", int(counts[group_number]), members))
     # keys are numbered in graph order, so this lists groups from the input side to the output side
+    for label, number, at in zip(units.tolist(), group_of_unit.tolist(), position.tolist()):
+        analysis.unit_of[label] = (groups[number], at)
     groups.sort(key=lambda g: min(analysis.keys[m.key] for m in g.members))
     return groups, frozen_units
 
@@ -1012,4 +1337,110 @@ def build_graph(model: nn.Module, example_inputs: Any, barriers: Iterable[str] =
     analysis = _Analysis(traced, shapes, barrier_set)
     analysis.run()
     groups, frozen = _assemble(analysis)
+    _tie_shape_constants(model, traced, analysis, barrier_set)
     return DependencyGraph(groups, analysis.barriers, frozen)
+
+
+# --- shape constants ------------------------------------------------------------------------------------------------
+
+
+def _int_attributes(module: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool) and
+            not k.startswith("_") and k != "training"}
+
+
+def _literal_of(node: fx.Node, position: int) -> Any:
+    rest = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        rest = list(rest[0])
+    return rest[position] if position < len(rest) else None
+
+
+def _dependencies(model: nn.Module, traced: fx.GraphModule, barriers: set[str],
+                  candidates: dict[tuple[str, str], list[ShapeConstant]]) -> set[tuple[str, str, str]]:
+    """(module, attribute, node) triples: the constant at that node changes when the attribute does. Found by
+    tracing again with each candidate attribute moved to a value nothing else has (one trace per attribute name)."""
+    original = {n.name: n for n in traced.graph.nodes}
+    found: set[tuple[str, str, str]] = set()
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    for module, attribute in candidates:
+        by_name.setdefault(attribute, []).append((module, attribute))
+    for attribute, pairs in by_name.items():
+        saved = []
+        try:
+            for module, _ in pairs:
+                owner = model.get_submodule(module) if module else model
+                saved.append((owner, getattr(owner, attribute)))
+                setattr(owner, attribute, getattr(owner, attribute) + 7919)
+            try:
+                graph = symbolic_trace(model, barriers).graph
+            except Exception:  # a forward that refuses the moved value: this attribute cannot be followed
+                continue
+            moved = {n.name: n for n in graph.nodes}
+            for pair in pairs:
+                for constant in candidates[pair]:
+                    node = moved.get(constant.node)
+                    if node is None or node.target != original[constant.node].target:
+                        continue
+                    if _literal_of(node, constant.position) != constant.value:
+                        found.add((pair[0], attribute, constant.node))
+        finally:
+            for owner, value in saved:
+                setattr(owner, attribute, value)
+    return found
+
+
+def _tie_shape_constants(model: nn.Module, traced: fx.GraphModule, analysis: _Analysis, barriers: set[str]) -> None:
+    """Every int a reshape bakes in as the size of a prunable dimension becomes an attribute member of its group
+    (the attribute the forward reads it from, found by tracing again); a group whose constant has no such attribute
+    is kept whole, with the reason."""
+    pending = []
+    for constant in analysis.constants:
+        labels = analysis.labels[constant.grid]
+        frozen_label = analysis.labels[FROZEN]
+        rows = [set(row.tolist()) for row in labels]
+        if all(row == rows[0] for row in rows):
+            continue  # every position holds the same units (q/k/v, head width): the size never changes
+        owners = {analysis.unit_of[label][0].name: analysis.unit_of[label][0] for row in rows for label in row
+                  if label != frozen_label and label in analysis.unit_of}
+        groups = list({id(g): g for g in (analysis.unit_of[label][0] for row in rows for label in row
+                                         if label != frozen_label and label in analysis.unit_of)}.values())
+        del owners
+        where = f"{constant.node} in {constant.module or type(model).__name__}"
+        if len(groups) != 1 or any(len(row) != 1 for row in rows):
+            for group in groups:
+                group.kept_whole = group.kept_whole or (f"{where} reshapes with the constant {constant.value} over "
+                                                        "channels of several groups")
+            continue
+        group = groups[0]
+        units = [analysis.unit_of[next(iter(row))][1] if next(iter(row)) != frozen_label else -1 for row in rows]
+        distinct = sorted(set(units) - {-1})
+        owner = model.get_submodule(constant.module) if constant.module else model
+        attributes = _int_attributes(owner)
+        names = [k for k, v in attributes.items() if v == constant.value or (v == len(distinct) and -1 not in units)]
+        pending.append((constant, group, units, distinct, names, where))
+    candidates: dict[tuple[str, str], list[ShapeConstant]] = {}
+    for constant, _, _, _, names, _ in pending:
+        for name in names:
+            candidates.setdefault((constant.module, name), []).append(constant)
+    found = _dependencies(model, traced, barriers, candidates) if candidates else set()
+    for constant, group, units, distinct, names, where in pending:
+        owner = model.get_submodule(constant.module) if constant.module else model
+        hits = [name for name in names if (constant.module, name, constant.node) in found]
+        if not hits:
+            group.kept_whole = group.kept_whole or (
+                f"{where} reshapes with the constant {constant.value} on this group's dimension, and no int "
+                f"attribute of that module ({type(owner).__name__}) that its forward reads holds it")
+            continue
+        for name in hits:
+            value = getattr(owner, name)
+            if value == constant.value:
+                index, unit = np.arange(len(units)), np.asarray(units)
+                keep = unit >= 0
+                index, unit = index[keep], unit[keep]
+            else:
+                index, unit = np.arange(len(distinct)), np.asarray(distinct)
+            member = Member(constant.module, ATTRIBUTE + name, 0, torch.from_numpy(index.astype(np.int64)),
+                            torch.from_numpy(unit.astype(np.int64)), "attr")
+            if all(m.key != member.key for m in group.attributes):
+                group.attributes.append(member)
