@@ -122,7 +122,8 @@ def method_rows() -> list[dict[str, Any]]:
             "name": method.name, "summary": method.summary, "paper": method.paper,
             "score": method.score, "budget": method.budget, "rounds": method.rounds, "runner": custom,
             # A method with its own runner checks its own data needs (prunekit's score registry does not know them).
-            "needs_data": None if custom else method.score not in DATA_FREE,
+            # rate-distortion measures output distortion on data (its data-free proxy only when asked for)
+            "needs_data": None if custom else (method.score not in DATA_FREE or method.budget == "rate-distortion"),
         })
     return rows
 
