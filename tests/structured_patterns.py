@@ -306,3 +306,25 @@ class HardCodedView(nn.Module):
 def parameters(model: nn.Module) -> int:
     """Number of parameter elements."""
     return sum(p.numel() for p in model.parameters())
+
+
+class RuntimeSizeAttention(nn.Module):
+    """torchvision's shifted_window_attention style: head width and merged width computed from x.shape at run time."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.embed = nn.Linear(8, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, 8) -> (B, 3)."""
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        y = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        return self.head(x + self.proj(y)).mean(dim=1)

@@ -139,3 +139,15 @@ def test_a_failing_pruned_forward_restores_the_model_bitwise_and_names_the_modul
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert model.conv.out_channels == 32 and model.fc.in_features == 32
     assert torch.equal(model(x), reference)
+
+
+def test_sizes_computed_from_a_runtime_shape_keep_what_they_tie():
+    """reshape(..., C // heads) with C read from x.shape ties the residual width to the heads: neither is cut
+    apart from the other, and the pruned model runs (the barrier says why)."""
+    torch.manual_seed(0)
+    model = sp.RuntimeSizeAttention().eval()
+    x = torch.randn(2, 5, 8)
+    graph = build_graph(model, x)
+    assert any("computed at run time" in b.reason for b in graph.barriers), graph.describe()
+    prune_structured(model, x, 0.5, graph=graph)
+    assert model(x).shape == (2, 3)

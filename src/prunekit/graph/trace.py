@@ -74,6 +74,27 @@ class Heads:
 
 
 @dataclass
+class SizeOf:
+    """A size the program reads at run time from a dimension that holds channels (x.shape[-1], x.size(1)); `exact`
+    until arithmetic is done on it. After pruning it reads the new size, right only where that dimension lands."""
+
+    ids: np.ndarray
+    exact: bool = True
+
+
+@dataclass
+class ShapeOf:
+    """x.shape (or x.size()) of a tensor carrying channels."""
+
+    value: Any
+    ndim: int
+
+
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg}
+
+
+@dataclass
 class ShapeConstant:
     """An int a reshape or view baked in as the size of a dimension that holds channels: `grid[i]` are the ids of
     position i along it. After pruning the size must follow, through an attribute the forward reads it from."""
@@ -415,6 +436,11 @@ class _Analysis:
         for node in self.traced.graph.nodes:
             handler = getattr(self, f"_{node.op}")
             try:
+                sizes = [v for v in _flat(self.value(list(node.args) + list(node.kwargs.values())))
+                         if isinstance(v, SizeOf)]
+                if sizes and not _size_aware(node):
+                    for size in sizes:  # a channel count read at run time feeds something not followed: keep it
+                        self.freeze(size, node.name, "a size read from pruned channels is used by this operation")
                 if node.op.startswith("call_") and not _heads_aware(node) and any(
                         isinstance(v, Heads) for v in _flat(self.value(list(node.args) + list(node.kwargs.values())))):
                     raise _Unsupported("an operation on attention heads the tracer has no rule for")
@@ -506,6 +532,12 @@ class _Analysis:
             return self._unbind(node)
         if target in (torch.unsqueeze, torch.squeeze):
             return self._reshape(node)
+        if target is getattr and len(node.args) == 2 and node.args[1] == "shape":
+            return self._shape_of(node.args[0])
+        if target in _SIZE_ARITHMETIC:
+            sizes = [v for v in (self.value(a) for a in node.args) if isinstance(v, SizeOf)]
+            if sizes:
+                return SizeOf(np.concatenate([v.ids for v in sizes]), exact=False)
         if target in (getattr, len):
             return None
         raise _Unsupported(f"no channel rule for {getattr(target, '__name__', target)}")
@@ -513,6 +545,10 @@ class _Analysis:
     def _call_method(self, node: fx.Node) -> Any:
         method = node.target
         source = self.value(node.args[0])
+        if method == "size":
+            shape = self._shape_of(node.args[0])
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            return shape if dim is None else _size_at(shape, dim)
         if method in _SHAPE_QUERIES:
             return None
         if method in _BINARY_METHODS:
@@ -769,9 +805,20 @@ class _Analysis:
         del name
         return tuple(result)
 
+    def _shape_of(self, arg: Any) -> Any:
+        value = self.value(arg)
+        shape = self.shape(arg)
+        if isinstance(value, (Chan, Heads)) and isinstance(shape, tuple):
+            return ShapeOf(value, len(shape))
+        return None
+
     def _getitem(self, node: fx.Node) -> Any:
         container, index = node.args
         value = self.value(container)
+        if isinstance(value, ShapeOf):
+            if isinstance(index, int):
+                return _size_at(value, index)
+            raise _Unsupported("a slice of the shape of a tensor that holds channels")
         if isinstance(value, (tuple, list)):
             return value[index] if isinstance(index, int) and index < len(value) else None
         if isinstance(value, Heads):
@@ -876,6 +923,31 @@ class _Analysis:
         return Chan(start, _flattened_ids(source, in_shape, start, end))
 
     def _reshape(self, node: fx.Node) -> Any:
+        result = self._reshape_value(node)
+        self._check_sizes(node, result)
+        return result
+
+    def _check_sizes(self, node: fx.Node, result: Any) -> None:
+        """A size read at run time (x.shape[-1]) follows the pruned size where channels of the same count land: they
+        are tied position by position (so both keep the same number). Arithmetic on it, or a size standing where no
+        channels land, ties widths the tracer cannot relate: both are kept."""
+        target = self._target(node)
+        if not target:
+            return
+        for position, arg in enumerate(target):
+            size = self.value(arg) if isinstance(arg, fx.Node) else None
+            if not isinstance(size, SizeOf):
+                continue
+            here = None
+            if isinstance(result, Chan) and result.dim == position:
+                here = result.ids
+            elif isinstance(result, Heads) and position in result.dims:
+                here = np.moveaxis(result.ids, result.dims.index(position), 0)[:, *([0] * (result.ids.ndim - 1))]
+            if not (size.exact and here is not None and len(here) == len(size.ids)):
+                raise _Unsupported("reshape with a size computed at run time from the size of pruned channels")
+            self.tie(here, size.ids)
+
+    def _reshape_value(self, node: fx.Node) -> Any:
         source = self.value(node.args[0])
         if isinstance(source, ParamRef):
             raise _Unsupported("reshaping a parameter")
@@ -1132,6 +1204,26 @@ _HEADS_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "unbi
                   "size", "matmul", "roll", "flip", "clone", "to", "float", "type_as", "dim"}
 
 
+def _size_at(shape: Any, dim: int) -> Any:
+    """The size of dimension `dim` of a ShapeOf: a SizeOf where it holds channels."""
+    if not isinstance(shape, ShapeOf) or not isinstance(dim, int):
+        return None
+    dim %= shape.ndim
+    value = shape.value
+    if isinstance(value, Chan):
+        return SizeOf(value.ids) if value.dim == dim else None
+    if dim in value.dims:
+        return SizeOf(np.moveaxis(value.ids, value.dims.index(dim), 0).reshape(value.ids.shape[value.dims.index(dim)], -1)[:, 0], exact=False)
+    return None
+
+
+def _size_aware(node: fx.Node) -> bool:
+    """Whether the node follows SizeOf arguments (arithmetic on sizes, reshapes that are checked)."""
+    if node.op == "call_method":
+        return node.target in ("view", "reshape")
+    return node.op == "call_function" and (node.target in _SIZE_ARITHMETIC or node.target in (torch.reshape,))
+
+
 def _heads_aware(node: fx.Node) -> bool:
     """Whether the node's handler follows Heads values (everything else meets them as a barrier)."""
     if node.op == "call_method":
@@ -1154,8 +1246,8 @@ def _flattened_ids(source: Chan, shape: tuple[int, ...], start: int, end: int) -
     return np.ascontiguousarray(grid).reshape(-1)
 
 
-def _chans_in(value: Any) -> Iterable[Chan | Heads]:
-    if isinstance(value, (Chan, Heads)):
+def _chans_in(value: Any) -> Iterable[Chan | Heads | SizeOf]:
+    if isinstance(value, (Chan, Heads, SizeOf)):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
