@@ -92,6 +92,10 @@ def _runs() -> list[Run]:
             if tag in ("50", "2:4"):
                 runs.append(Run(f"llmcompressor-{method}-{tag}", "llmcompressor", method, pattern,
                                 sparsity if sparsity is not None else 0.5))
+    # One-pass calibration (every layer's statistics from the dense model in one forward pass, no propagation)
+    for method in ("sparsegpt", "wanda"):
+        runs.append(Run(f"{method}-50-onepass", "prunekit", method, "unstructured", 0.5,
+                        (("calibration", "one-pass"),)))
     for method in ("wanda", "owl", "sparsegpt", "owl-sparsegpt"):
         runs.append(Run(f"{method}-70", "prunekit", method, "unstructured", 0.7))
     # OWL's two hyperparameters (the paper tunes M in 3..10 and lambda in 0.02..0.25 per model family)
@@ -625,6 +629,21 @@ def render_section(records: dict[str, Any], names: list[str], settings: dict[str
                         f"{b['prune_seconds']:.1f} s) | {_ratio(a['perplexity'], b['perplexity'])} "
                         f"({a['perplexity']:.2f} / {b['perplexity']:.2f}) | {_ratio(a['peak_rss_mib'], b['peak_rss_mib'])}"
                         f" ({a['peak_rss_mib']:.0f} / {b['peak_rss_mib']:.0f} MiB) |")
+    onepass = []
+    for method, label in (("sparsegpt", "SparseGPT"), ("wanda", "Wanda")):
+        a, b = _ok(records, f"{method}-50-onepass"), _ok(records, f"{method}-50")
+        if a and b:
+            xa, xb = _x_floor(a, contended), _x_floor(b, contended)
+            onepass.append(f"| {label} 50% | {a['prune_seconds']:.1f} s ({'-' if xa is None else f'{xa:.2f}x'} floor)"
+                           f" | {b['prune_seconds']:.1f} s ({'-' if xb is None else f'{xb:.2f}x'} floor) | "
+                           f"{a['perplexity']:.2f} | {b['perplexity']:.2f} |")
+    if onepass:
+        lines += ["", "### One-pass calibration vs sequential (prunekit, `calibration=\"one-pass\"`)", "",
+                  "| method | one-pass time | sequential time | one-pass perplexity | sequential perplexity |",
+                  "|---|---:|---:|---:|---:|", *onepass, "",
+                  "One-pass: every layer's statistics from one forward pass of the dense model (stopped at the last "
+                  "decoder block), no propagation of pruned outputs; faster, but later blocks are not fitted to the "
+                  "earlier blocks' pruning errors."]
     lines += ["", "### prunekit / llmcompressor (same run, same token ids, same model folder)", ""]
     if rows:
         lines += ["| method | wall time | perplexity | peak RSS |", "|---|---:|---:|---:|", *rows, "",

@@ -110,13 +110,13 @@ def _solve_and_record_layers(rank: int, _folder: str) -> dict:
     import prunekit.llm
 
     solved: list[str] = []
-    prune_linear = prunekit.llm.prune_linear
+    prune_group = prunekit.llm.prune_group
 
-    def counting(target, *args):
-        solved.append(target.name)
-        return prune_linear(target, *args)
+    def counting(targets, *args):
+        solved.extend(target.name for target in targets)
+        return prune_group(targets, *args)
 
-    prunekit.llm.prune_linear = counting
+    prunekit.llm.prune_group = counting
     weights = _prune("sparsegpt")
     return {"solved": solved, "layers": sorted(name.removesuffix(".weight") for name in weights)}
 

@@ -188,3 +188,16 @@ def test_cli_out_of_core_writes_the_in_memory_folder(tiny_lm_folder, tmp_path):
     result = _run("prune", tiny_lm_folder, "--method", "magnitude", "--sparsity", "0.5", "--out", tmp_path / "m",
                   "--out-of-core", "-q")
     assert result.returncode == 2 and "method" in result.stderr and not (tmp_path / "m").exists()
+
+
+def test_cli_one_pass_calibration_runs_and_is_refused_out_of_core(tiny_lm_folder, tmp_path):
+    common = ["prune", tiny_lm_folder, "--method", "wanda", "--sparsity", "0.5", "--n-samples", "4", "--seq-len", "32",
+              "--eval-tokens", "256", "--calibration", "one-pass", "--json", "-q"]
+    result = _run(*common, "--out", tmp_path / "one")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["arguments"]["calibration"] == "one-pass"
+    result = _run(*common, "--out", tmp_path / "ooc", "--out-of-core")
+    assert result.returncode == 2 and "--calibration='one-pass'" in result.stderr, result.stderr
+    assert not (tmp_path / "ooc").exists()
+    result = _run(*common[:-4], "--calibration", "onepass", "--out", tmp_path / "bad", "-q")
+    assert result.returncode == 2 and "--calibration='onepass'" in result.stderr, result.stderr

@@ -195,3 +195,81 @@ def test_job_predicted_not_to_fit_is_refused_before_work(monkeypatch):
     with pytest.raises(prunekit.PruneError, match="GiB is available"):
         prune_causal_lm(model, _samples(), 0.5, solver="sparsegpt", progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- SparseGPT on layers sharing an input, one-pass calibration ------------------------------------------------
+
+
+def test_sparsegpt_group_sweep_equals_each_layer_alone():
+    # Rows are independent given H^-1 (the paper's row-parallel OBS update), so sweeping q/k/v-like layers stacked
+    # must give each layer its own solve: same masks, same weights up to float32 rounding, exact count per layer.
+    from prunekit.reconstruct.sparsegpt import inverse_hessian_factor, sparsegpt_prune_group
+
+    x = _activations()
+    factor = inverse_hessian_factor(_hessian(x), 0.01)
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(rows, 64, generator=g) * (1 + k) for k, rows in enumerate((16, 8, 8))]
+    for kwargs in ({"sparsity": 0.5}, {"sparsity": 0.5, "n": 2, "m": 4}):
+        together = sparsegpt_prune_group(weights, factor, blocksize=16, **kwargs)
+        for w, (updated, keep) in zip(weights, together):
+            alone, keep_alone = sparsegpt_prune(w, None, blocksize=16, factor=factor, **kwargs)
+            assert torch.equal(keep, keep_alone)
+            assert int((~keep).sum()) == round(0.5 * w.numel())
+            torch.testing.assert_close(updated, alone, rtol=1e-5, atol=1e-5)
+
+
+def _dense_inputs_sq(model, samples):
+    """||X_j||^2 of every Linear's input in the blocks, from the unpruned model (hooks, whole forward per sample)."""
+    sums, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            def hook(_m, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            handles.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for s in samples:
+            model(s)
+    for h in handles:
+        h.remove()
+    return sums
+
+
+def test_one_pass_calibration_uses_the_dense_models_activations():
+    # One-pass: every layer's statistics come from the dense model. Wanda has no weight update, so each mask must be
+    # the row-wise Wanda mask of the dense activations; sequential differs after block 0 (its later blocks see the
+    # pruned outputs) and agrees on block 0 (same inputs either way).
+    dense, samples = _tiny(), _samples()
+    norms = _dense_inputs_sq(dense, samples)
+    one_pass, sequential = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = prune_causal_lm(one_pass, samples, 0.5, calibration="one-pass", progress=False)
+    prune_causal_lm(sequential, samples, 0.5, progress=False)
+    assert report.extra["calibration"] == "one-pass" and report.arguments["calibration"] == "one-pass"
+    weights = dict(dense.named_parameters())
+    pruned_one, pruned_seq = dict(one_pass.named_parameters()), dict(sequential.named_parameters())
+    later_differ = False
+    for name, sq in norms.items():
+        w = weights[name + ".weight"]
+        expected = row_keep_mask(wanda_scores(w, sq.float()), 0.5)
+        assert torch.equal(pruned_one[name + ".weight"] != 0, expected), name
+        same = torch.equal(pruned_seq[name + ".weight"] != 0, expected)
+        if ".layers.0." in name:
+            assert same, name
+        later_differ |= not same
+    assert later_differ
+
+
+def test_one_pass_sparsegpt_and_owl_run_and_refuse_checkpoints(tmp_path):
+    model = _tiny()
+    report = prunekit.prune(model, "owl-sparsegpt", 0.5, data=_samples(), calibration="one-pass", blocksize=32,
+                            progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=1e-3) and len(report.extra["owl_outlier_ratios"]) == 3
+    # OWL's ratios are the dense model's in both modes (sequential measures them in a dense pass of its own)
+    sequential = prunekit.prune(_tiny(), "owl-sparsegpt", 0.5, data=_samples(), blocksize=32, progress=False)
+    assert report.extra["owl_outlier_ratios"] == pytest.approx(sequential.extra["owl_outlier_ratios"], abs=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(model(_samples(1)[0]).logits).all()
+    with pytest.raises(prunekit.ArgumentError, match="checkpoint_dir=.*calibration='one-pass'"):
+        prune_causal_lm(_tiny(), _samples(), 0.5, calibration="one-pass", checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(prunekit.ArgumentError, match="calibration='onepass'.*one-pass"):
+        prune_causal_lm(_tiny(), _samples(), 0.5, calibration="onepass", progress=False)

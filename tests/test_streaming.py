@@ -150,6 +150,9 @@ def test_an_interrupted_run_resumes_and_ends_with_the_same_model(tiny_folder, tm
 def test_bad_input_is_refused_by_name(tiny_folder, tmp_path):
     with pytest.raises(ArgumentError, match="method.*magnitude"):
         streaming.prune_out_of_core(tiny_folder, _samples(), 0.5, tmp_path / "a", method="magnitude")
+    with pytest.raises(ArgumentError, match="calibration='one-pass'.*'sequential' out of core"):
+        streaming.prune_out_of_core(tiny_folder, _samples(), 0.5, tmp_path / "a", calibration="one-pass")
+    assert not (tmp_path / "a").exists()
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((tiny_folder / "config.json").read_text())

@@ -222,7 +222,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-LLM_OPTIONS = ("blocksize", "dampening", "owl_m", "owl_lambda")
+LLM_OPTIONS = ("blocksize", "dampening", "owl_m", "owl_lambda", "calibration")
 # Flags only the language-model job reads (their defaults are None so that "given" can be told from "default"),
 # and the value each means when left out.
 LLM_FLAGS = {"calib": None, "calib_dataset": None, "calib_config": None, "calib_split": None, "calib_column": None,
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--dampening", type=float, help="SparseGPT dampening, share of the mean diagonal (0.01)")
     llm.add_argument("--owl-m", type=float, help="OWL outlier threshold M (default 5)")
     llm.add_argument("--owl-lambda", type=float, help="OWL spread lambda (default 0.08)")
+    llm.add_argument("--calibration", help="sequential (default: each block calibrated on the pruned outputs of the "
+                     "ones before) or one-pass (every layer's statistics from one dense forward pass: faster, less exact)")
     _output_flags(prune)
     prune.set_defaults(run=cmd_prune)
 

@@ -235,9 +235,9 @@ def broadcast_from_owner(weights: Sequence[torch.Tensor], owner: int) -> None:
 
 
 def prune_on_owners(targets: Sequence[Target], stats: Mapping[str, InputStats],
-                    prune_layer: Callable[[Target], object]) -> None:
+                    prune_group: Callable[[Sequence[str]], object]) -> None:
     """SparseGPT under torch.distributed: each group of layers sharing an input gets an owner rank, which alone
-    receives the summed X X^T, runs `prune_layer` on the group's layers and broadcasts their new weights. Every
+    receives the summed X X^T, runs `prune_group` on the group's layer names and broadcasts their new weights. Every
     rank ends with the same weights, while each solves only its own share."""
     rank, world = rank_and_world()
     by_name = {t.name: t for t in targets}
@@ -246,8 +246,8 @@ def prune_on_owners(targets: Sequence[Target], stats: Mapping[str, InputStats],
     owners = assign_owners(costs, world)
     for group, owner in zip(groups, owners):
         reduce_to_owner(stats[group[0]], owner)
-    solved = [name for group, owner in zip(groups, owners) if owner == rank for name in group]
-    for name in solved:
-        prune_layer(by_name[name])
+    for group, owner in zip(groups, owners):
+        if owner == rank:
+            prune_group(group)
     for group, owner in zip(groups, owners):
         broadcast_from_owner([by_name[name].weight for name in group], owner)

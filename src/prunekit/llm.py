@@ -13,19 +13,24 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import masks as mask_engine
 from .activations import InputStats
-from .distributed import all_reduce_stats, check_same_version, is_distributed, prune_on_owners, rank_and_world, shard
+from .distributed import (all_reduce_stats, check_same_version, is_distributed, prune_on_owners, rank_and_world,
+                          shard, shared_input_groups)
 from .errors import ArgumentError, ModelError, PruneError, check_sparsity, unknown_choice
 from .layout import from_matrix, input_channels, to_matrix
 from .patterns import NM, Unstructured, parse_pattern
-from .reconstruct.sparsegpt import sparsegpt_prune
+from .reconstruct.sparsegpt import sparsegpt_prune_group
 from .report import Report, layer_sparsity
 from .selection import Target, select
 
 SOLVERS = ("wanda", "sparsegpt")
 ALLOCATIONS = ("uniform", "owl")
+# "sequential": each block's statistics from the pruned outputs of the blocks before it (the papers' procedure);
+# "one-pass": every layer's statistics from one forward pass of the dense model (no propagation pass; faster, less exact)
+CALIBRATIONS = ("sequential", "one-pass")
 
 
 @dataclass(frozen=True)
@@ -149,14 +154,16 @@ def _available_memory() -> int | None:
     return None
 
 
-def check_memory(model: nn.Module, samples: Sequence[torch.Tensor], targets: list[list[Target]], solver: str) -> int:
-    """Refuse a job predicted not to fit: hidden states of every sample, plus the largest block's Hessians."""
+def check_memory(model: nn.Module, samples: Sequence[torch.Tensor], targets: list[list[Target]], solver: str,
+                 all_blocks: bool = False) -> int:
+    """Refuse a job predicted not to fit: hidden states of every sample, plus the largest block's Hessians (every
+    block's with `all_blocks`, as one-pass calibration holds them all at once)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
     tokens = sum(int(s.numel()) for s in samples)
     need = 2 * tokens * hidden * 4  # the resident hidden states and one block's outputs, fp32
-    stats = max((sum(_inputs(t) * ((_inputs(t) + 3) if solver == "sparsegpt" else 3) * 4 for t in block)
-                 for block in targets),
-                default=0)
+    per_block = [sum(_inputs(t) * ((_inputs(t) + 3) if solver == "sparsegpt" else 3) * 4 for t in block)
+                 for block in targets]
+    stats = sum(per_block) if all_blocks else max(per_block, default=0)
     need += stats
     available = _available_memory()
     if available is not None and need > 0.9 * available:
@@ -234,43 +241,108 @@ def gather_stats(feed, layers: dict[str, nn.Module], hessian: bool) -> dict[str,
 @torch.no_grad()
 def prune_linear(target: Target, stats: InputStats, settings: LLMSettings, sparsity: float) -> torch.Tensor:
     """Prune one linear layer in place with the chosen solver; returns its keep-mask (weight-shaped)."""
-    weight = target.weight
-    matrix = to_matrix(weight.detach(), target.kind)
+    return prune_group([target], stats, settings, sparsity)[0]
+
+
+@torch.no_grad()
+def prune_group(targets: Sequence[Target], stats: InputStats, settings: LLMSettings, sparsity: float) -> list[torch.Tensor]:
+    """Prune layers fed the same input (one shared accumulator: q/k/v, gate/up) in place; returns their keep-masks.
+
+    SparseGPT sweeps the group's stacked rows once (`sparsegpt_prune_group`); Wanda prunes each layer alone."""
     pattern = settings.pattern
+    matrices = [to_matrix(t.weight.detach(), t.kind) for t in targets]
+    keeps = []
     if settings.solver == "wanda":
-        scores = wanda_scores(matrix, stats.column_norm_sq)
-        if isinstance(pattern, NM):
-            keep = to_matrix(pattern.mask(scores, "linear"), "linear")
-        else:
-            keep = row_keep_mask(scores, sparsity)
-        weight.masked_fill_(~from_matrix(keep, target.kind, weight.shape), 0)
+        for target, matrix in zip(targets, matrices):
+            scores = wanda_scores(matrix, stats.column_norm_sq)
+            if isinstance(pattern, NM):
+                keep = to_matrix(pattern.mask(scores, "linear"), "linear")
+            else:
+                keep = row_keep_mask(scores, sparsity)
+            target.weight.masked_fill_(~from_matrix(keep, target.kind, target.weight.shape), 0)
+            keeps.append(keep)
     else:
         n, m = (pattern.n, pattern.m) if isinstance(pattern, NM) else (None, None)
-        updated, keep = sparsegpt_prune(matrix, None, sparsity, n, m, settings.blocksize, settings.dampening,
-                                        factor=stats.inverse_factor(settings.dampening))
-        weight.copy_(from_matrix(updated.to(weight.dtype), target.kind, weight.shape))
-    return from_matrix(keep, target.kind, weight.shape)
+        solved = sparsegpt_prune_group(matrices, stats.inverse_factor(settings.dampening), sparsity, n, m,
+                                       settings.blocksize)
+        for target, (updated, keep) in zip(targets, solved):
+            weight = target.weight
+            weight.copy_(from_matrix(updated.to(weight.dtype), target.kind, weight.shape))
+            keeps.append(keep)
+    return [from_matrix(keep, t.kind, t.weight.shape) for t, keep in zip(targets, keeps)]
 
 
-def prune_block(feed, block_targets: list[Target], settings: LLMSettings, sparsity: float) -> None:
+def prune_block(feed, block_targets: list[Target], settings: LLMSettings, sparsity: float,
+                stats: dict[str, InputStats] | None = None) -> None:
     """Gather one block's input statistics over the calibration samples (all ranks' under torch.distributed) and
-    prune its selected linear layers in place."""
+    prune its selected linear layers in place. `stats`: already gathered (one-pass calibration); `feed` is then
+    not run."""
     if not block_targets:
         return
-    stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
+    if stats is None:
+        stats = gather_stats(feed, {t.name: t.module for t in block_targets}, settings.solver == "sparsegpt")
+    by_name = {t.name: t for t in block_targets}
 
-    def prune(target: Target) -> None:
-        prune_linear(target, stats[target.name], settings, sparsity)
+    def prune(names: Sequence[str]) -> None:
+        prune_group([by_name[name] for name in names], stats[names[0]], settings, sparsity)
 
     if settings.solver == "sparsegpt" and is_distributed():
-        prune_on_owners(block_targets, stats, prune)  # each layer solved once, by one rank, then broadcast
+        prune_on_owners(block_targets, stats, prune)  # each group solved once, by one rank, then broadcast
     else:
         all_reduce_stats(stats)  # with torch.distributed: the statistics of every rank's samples
-        for t in block_targets:
-            prune(t)
+        for names in shared_input_groups([t.name for t in block_targets], stats):
+            prune(names)
     for t in block_targets:
         if not torch.isfinite(t.weight).all():
             raise PruneError(f"pruning produced non-finite weights in {t.name!r}; raise dampening")
+
+
+class _ModelFeed:
+    """The whole dense model as a statistics feed: `run_sample` runs one calibration sample through it, so hooks on
+    the layers of every block fire in one forward pass (one-pass calibration)."""
+
+    def __init__(self, model: nn.Module, samples: Sequence[torch.Tensor]) -> None:
+        self.model, self.samples = model, samples
+
+    def __len__(self) -> int:
+        """Number of calibration samples."""
+        return len(self.samples)
+
+    def run_sample(self, sample: int) -> None:
+        """One no-grad, no-cache forward pass of sample `sample`."""
+        from .calibration import _input_device
+
+        with torch.no_grad():
+            self.model(input_ids=self.samples[sample].to(_input_device(self.model)), use_cache=False)
+
+
+def _without_hessians(stats: dict[str, InputStats]) -> dict[str, InputStats]:
+    """Copies of the accumulators' token counts and column sums (no X X^T), still shared as the originals are."""
+    copies: dict[int, InputStats] = {}
+    for source in stats.values():
+        if id(source) not in copies:
+            copy = InputStats(source.features, hessian=False)
+            copy.tokens, copy.sum, copy.sum_sq = source.tokens, source.sum.clone(), source.sum_sq.clone()
+            copies[id(source)] = copy
+    return {name: copies[id(source)] for name, source in stats.items()}
+
+
+def one_pass_stats(model: nn.Module, samples: Sequence[torch.Tensor], targets: list[list[Target]],
+                   hessian: bool) -> dict[str, InputStats]:
+    """Every target layer's input statistics from one forward pass of the dense model per sample (each sample stops
+    at the last target layer: the head is not run)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return gather_stats(_ModelFeed(model, samples), {t.name: t.module for b in targets for t in b}, hessian)
+    finally:
+        model.train(was_training)
+
+
+def block_outlier_ratio(block_targets: Sequence[Target], stats: dict[str, InputStats], settings: LLMSettings) -> float:
+    """OWL's outlier ratio of one block: over the Wanda scores of all its selected layers together."""
+    scores = [wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1) for t in block_targets]
+    return outlier_ratio(torch.cat(scores), settings.owl_m)
 
 
 def owl_ratios(model, samples, targets: list[list[Target]], settings: LLMSettings, progress: bool) -> list[float]:
@@ -283,9 +355,7 @@ def owl_ratios(model, samples, targets: list[list[Target]], settings: LLMSetting
         layers = {t.name: t.module for t in targets[index]}
         stats = gather_stats(feed, layers, hessian=False)
         all_reduce_stats(stats)
-        scores = [wanda_scores(to_matrix(t.weight, t.kind), stats[t.name].column_norm_sq).reshape(-1)
-                  for t in targets[index]]
-        ratios.append(outlier_ratio(torch.cat(scores), settings.owl_m))
+        ratios.append(block_outlier_ratio(targets[index], stats, settings))
 
     run_blocks(model, samples, measure, progress=progress)
     return ratios
@@ -305,12 +375,17 @@ def prune_causal_lm(
     dampening: float = 0.01,
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
+    calibration: str = "sequential",
     apply: str = "bake",
     checkpoint_dir=None,
     progress: bool = True,
 ) -> Report:
     """Prune the blocks of a transformers causal LM (or encoder, e.g. BERT) with Wanda or SparseGPT on calibration
-    token sequences."""
+    token sequences.
+
+    calibration="sequential" (the papers' procedure) feeds each block the pruned outputs of the blocks before it;
+    "one-pass" takes every layer's statistics from one forward pass of the dense model and prunes afterwards (no
+    propagation pass: faster, but later blocks are not fitted to the earlier blocks' pruning errors)."""
     from .calibration import _check_samples, run_blocks
     from .hf import check_calibration_model, find_decoder_blocks
 
@@ -318,6 +393,12 @@ def prune_causal_lm(
     check_calibration_model(model)
     if apply not in ("mask", "bake"):
         raise unknown_choice("apply", apply, ("mask", "bake"))
+    if calibration not in CALIBRATIONS:
+        raise unknown_choice("calibration", calibration, CALIBRATIONS)
+    one_pass = calibration == "one-pass"
+    if one_pass and checkpoint_dir is not None:
+        raise ArgumentError("checkpoint_dir", str(checkpoint_dir), "None with calibration='one-pass' (checkpoints "
+                            "resume the sequential block-by-block pass; a one-pass run has no blocks to resume)")
     _, blocks = find_decoder_blocks(model)
     settings = _settings(model, solver, sparsity, pattern, allocation, blocksize, dampening, owl_m, owl_lambda,
                          len(blocks))
@@ -328,7 +409,7 @@ def prune_causal_lm(
             if not torch.is_floating_point(t.weight):
                 raise ModelError(f"layer {t.name!r} has {t.weight.dtype} weights; prune the float model")
     samples = _check_samples(model, samples)
-    check_memory(model, samples, targets, settings.solver)
+    check_memory(model, samples, targets, settings.solver, all_blocks=one_pass)
     all_samples = samples
     if is_distributed():
         if checkpoint_dir is not None:
@@ -339,22 +420,34 @@ def prune_causal_lm(
 
     sparsities = settings.sparsities
     ratios = None
-    if settings.allocation == "owl":
-        ratios = owl_ratios(model, samples, targets, settings, progress)
-        sparsities = owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
+    if one_pass:
+        stats = one_pass_stats(model, samples, targets, settings.solver == "sparsegpt")
+        if settings.allocation == "owl":  # the ratios are the dense model's: the same statistics serve
+            norms = _without_hessians(stats)
+            all_reduce_stats(norms)  # copies: prune_block sums the statistics themselves over the ranks
+            ratios = [block_outlier_ratio(block_targets, norms, settings) for block_targets in targets]
+            sparsities = owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
+        for index, block_targets in enumerate(tqdm(targets, desc="prune blocks", disable=not progress)):
+            prune_block(None, block_targets, settings, sparsities[index], {t.name: stats[t.name] for t in block_targets})
+            for t in block_targets:  # each block's statistics are released once it is pruned
+                stats.pop(t.name)
+    else:
+        if settings.allocation == "owl":
+            ratios = owl_ratios(model, samples, targets, settings, progress)
+            sparsities = owl_sparsities(ratios, sparsities[0], settings.owl_lambda)
 
-    def process(index, name, block, feed):
-        prune_block(feed, targets[index], settings, sparsities[index])
+        def process(index, name, block, feed):
+            prune_block(feed, targets[index], settings, sparsities[index])
 
-    fingerprint = dict(solver=settings.solver, pattern=settings.pattern.name, sparsities=sparsities,
-                       blocksize=settings.blocksize, dampening=settings.dampening, include=include, ignore=ignore)
-    run_blocks(model, samples, process, checkpoint_dir=checkpoint_dir, settings=fingerprint, progress=progress)
+        fingerprint = dict(solver=settings.solver, pattern=settings.pattern.name, sparsities=sparsities,
+                           blocksize=settings.blocksize, dampening=settings.dampening, include=include, ignore=ignore)
+        run_blocks(model, samples, process, checkpoint_dir=checkpoint_dir, settings=fingerprint, progress=progress)
 
     flat = [t for block_targets in targets for t in block_targets]
     if apply == "mask":  # masks are rebuilt from the zeros, so runs resumed from a checkpoint get them too
         for t in flat:
             mask_engine.attach(t.module, t.weight.detach() != 0, t.param_name)
-    extra: dict[str, Any] = {"block_sparsities": sparsities, "calibration_samples": len(all_samples),
+    extra: dict[str, Any] = {"calibration": calibration, "block_sparsities": sparsities, "calibration_samples": len(all_samples),
                              "calibration_tokens": sum(int(s.numel()) for s in all_samples),
                              "world_size": rank_and_world()[1]}
     if ratios is not None:
@@ -365,7 +458,7 @@ def prune_causal_lm(
         method=f"{settings.solver}{'+owl' if ratios is not None else ''}",
         arguments=dict(solver=settings.solver, sparsity=sparsity if not isinstance(sparsity, (list, tuple)) else list(sparsity),
                        pattern=settings.pattern.name, allocation=settings.allocation, blocksize=settings.blocksize,
-                       dampening=settings.dampening, owl_m=settings.owl_m, owl_lambda=settings.owl_lambda, apply=apply,
-                       include=include, ignore=ignore),
+                       dampening=settings.dampening, owl_m=settings.owl_m, owl_lambda=settings.owl_lambda,
+                       calibration=calibration, apply=apply, include=include, ignore=ignore),
         skipped=skipped, seconds=time.perf_counter() - started, extra=extra,
     )

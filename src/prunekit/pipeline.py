@@ -151,6 +151,9 @@ def prune_language_model(
         from .streaming import check_streamed_method
 
         check_streamed_method(recipe.name)
+        if options.get("calibration", "sequential") != "sequential":
+            raise ArgumentError("calibration", options["calibration"], "'sequential' with out_of_core (one-pass "
+                                "calibration holds every block's statistics at once; run it in memory)")
         if checkpoint_dir is not None:
             raise ArgumentError("checkpoint_dir", os.fspath(checkpoint_dir), "None with out_of_core (an out-of-core "
                                 "run resumes from its own staging folder beside `out`: rerun the same command)")

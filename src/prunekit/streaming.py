@@ -535,6 +535,7 @@ def prune_out_of_core(
     dampening: float = 0.01,
     owl_m: float = 5.0,
     owl_lambda: float = 0.08,
+    calibration: str = "sequential",
     eval_ids: torch.Tensor | None = None,
     eval_window: int = 512,
     bos_token_id: int | None = None,
@@ -570,6 +571,9 @@ def prune_out_of_core(
 
     started = time.perf_counter()
     solver, allocation = check_streamed_method(method)
+    if calibration != "sequential":  # one-pass would hold every block's statistics: the opposite of out of core
+        raise ArgumentError("calibration", calibration, "'sequential' out of core (one-pass calibration holds every "
+                            "block's statistics at once; run it in memory)")
     limit_heap_fragmentation()
     dest = Path(out)
     check_destination(dest, overwrite)

@@ -23,15 +23,17 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, copy: bool =
     damp = dampening * torch.mean(torch.diagonal(h))
     h.diagonal().add_(damp)
     try:
-        factor = torch.linalg.cholesky(h)
+        factor = torch.linalg.cholesky(h.flip(0, 1))
     except torch.linalg.LinAlgError as exc:
         raise ModelError(f"the calibration Hessian is not positive definite even after dampening ({exc}); "
                          "raise dampening or use more calibration data") from None
     del h  # each n x n float64 intermediate is freed as soon as the next exists: at most two at a time
-    inverse = torch.cholesky_inverse(factor)
-    del factor
-    upper = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
+    # With J the reversal permutation and J H J = L L^T, H = (J L J)(J L J)^T with J L J upper triangular, so
+    # H^-1 = U^T U for U = (J L J)^-1 = J L^-1 J: upper with a positive diagonal, i.e. the upper Cholesky factor of
+    # H^-1. One factorisation and one triangular inverse, instead of factor, invert, factor again.
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    upper = torch.linalg.solve_triangular(factor, eye, upper=False).flip(0, 1)
+    del factor, eye
     return upper.float(), dead
 
 
@@ -65,38 +67,65 @@ def sparsegpt_prune(
     Unstructured: exactly round(sparsity * numel) weights are removed. N:M (n kept of every m inputs): m must divide
     blocksize so groups never straddle a block.
     """
+    if factor is None:
+        factor = inverse_hessian_factor(hessian, dampening)
+    return sparsegpt_prune_group([weight], factor, sparsity, n, m, blocksize)[0]
+
+
+@torch.no_grad()
+def sparsegpt_prune_group(
+    weights: list[torch.Tensor],
+    factor: tuple[torch.Tensor, torch.Tensor],
+    sparsity: float = 0.5,
+    n: int | None = None,
+    m: int | None = None,
+    blocksize: int = 128,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """SparseGPT on layers fed one input (q/k/v, gate/up: one inverse Hessian factor), in one column sweep.
+
+    Output rows are independent given H^-1, so the layers' rows are stacked and swept together (one Python loop over
+    the columns instead of one per layer); each layer's unstructured mask is still chosen within its own rows, with
+    exactly round(sparsity * numel) weights removed per layer. Returns (updated weight, keep-mask) per layer.
+    """
     # Work on the transpose (inputs x outputs): each input column becomes a contiguous row, so the per-column
     # OBS updates below touch contiguous memory (several times faster than strided column slices).
-    wt = weight.detach().t().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    wt = torch.cat([w.detach().t().to(torch.float32) for w in weights], dim=1)
     cols, rows = wt.shape
-    hinv, dead = factor if factor is not None else inverse_hessian_factor(hessian, dampening)
+    widths = [int(w.shape[0]) for w in weights]
+    offsets = [sum(widths[:k]) for k in range(len(widths) + 1)]
+    hinv, dead = factor
     hinv, dead = hinv.to(wt.device), dead.to(wt.device)
     wt[dead] = 0
     pruned = torch.zeros(cols, rows, dtype=torch.bool, device=wt.device)
-    counts = _block_prune_counts(rows, cols, blocksize, sparsity) if n is None else None
+    counts = [_block_prune_counts(width, cols, blocksize, sparsity) for width in widths] if n is None else None
+    err1 = torch.empty(min(blocksize, cols), rows, dtype=wt.dtype, device=wt.device)
 
     for b, start in enumerate(range(0, cols, blocksize)):
         end = min(start + blocksize, cols)
         w1 = wt[start:end]  # a view: updated in place
         hinv1 = hinv[start:end, start:end]
-        d = torch.diagonal(hinv1).clone()
-        err1 = torch.zeros_like(w1)
+        d = torch.diagonal(hinv1).reshape(-1, 1)
         pruned1 = pruned[start:end]
-        if n is None and counts[b]:
-            saliency = (w1**2 / d.reshape(-1, 1) ** 2).reshape(-1)
-            order = torch.sort(saliency, stable=True).indices[: counts[b]]
-            pruned1.view(-1)[order] = True
+        if n is None:
+            saliency = w1**2 / d**2
+            for k, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+                if counts[k][b]:
+                    order = torch.sort(saliency[:, lo:hi].reshape(-1), stable=True).indices[: counts[k][b]]
+                    pruned1[order // (hi - lo), order % (hi - lo) + lo] = True  # a column slice has no flat view
+            # e_i = w_i * pruned_i / d_i for every column of the block, the mask being fixed for the whole block.
+            scale = pruned1.to(wt.dtype) / d
+        err = err1[: end - start]
         for i in range(end - start):
             if n is not None and i % m == 0:
-                saliency = w1[i:i + m] ** 2 / d[i:i + m].reshape(-1, 1) ** 2
+                saliency = w1[i:i + m] ** 2 / d[i:i + m] ** 2
                 drop = torch.sort(saliency, dim=0, stable=True).indices[: m - n]
                 pruned1[i:i + m].scatter_(0, drop, True)
-            row = w1[i]
-            e = row.masked_fill(~pruned1[i], 0) / d[i]
-            # OBS update: compensate the removed weights with the inputs not yet processed.
+                scale_m = pruned1[i:i + m].to(wt.dtype) / d[i:i + m]
+            e = torch.mul(w1[i], scale[i] if n is None else scale_m[i % m], out=err[i])
+            # OBS update: compensate the removed weights with the inputs not yet processed. Row i itself is never
+            # read again; its pruned entries are set to exactly 0 once, at the end.
             w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
-            row.masked_fill_(pruned1[i], 0)
-            err1[i] = e
-        wt[end:].addmm_(hinv[start:end, end:].t(), err1, alpha=-1)
+        wt[end:].addmm_(hinv[start:end, end:].t(), err, alpha=-1)
     wt.masked_fill_(pruned, 0)
-    return wt.t().to(weight.dtype), ~pruned.t()
+    return [(wt[:, lo:hi].t().to(w.dtype), ~pruned[:, lo:hi].t())
+            for w, lo, hi in zip(weights, offsets[:-1], offsets[1:])]
