@@ -162,7 +162,9 @@ def pruned(dense: nn.Module, score: str, sparsity: float, seed: int, data: Any, 
     """A copy of the dense model pruned one-shot under the global budget."""
     model = copy.deepcopy(dense).eval()  # eval: BatchNorm keeps its trained statistics in the scoring passes
     extra = {"data": data, "n_batches": n_batches} if data is not None else {}
-    prunekit.prune(model, "magnitude", sparsity, score=score, budget="global", seed=seed, **extra, **options)
+    if score == "random":
+        extra["seed"] = seed  # only the random score reads it (data rows are seeded by their batches)
+    prunekit.prune(model, "magnitude", sparsity, score=score, budget="global", **extra, **options)
     return model
 
 
