@@ -160,6 +160,21 @@ def test_a_weight_without_gradient_is_an_error_naming_it(name):
         SCORES[name](_ctx(model, data=(torch.randn(5, 4), torch.randint(0, 3, (5,)))))
 
 
+def test_synflow_refuses_a_weight_the_output_does_not_use():
+    # a zero score would mark the unused layer as the first to prune, silently
+    with pytest.raises(ModelError, match=r"synflow.*unused"):
+        synaptic_flow(_WithUnused(), ["used", "unused"], torch.randn(2, 4))
+
+
+def test_layer_drop_snip_refuses_a_block_the_loss_does_not_use():
+    from prunekit.training.layer_drop import block_scores
+
+    model = _WithUnused()
+    with pytest.raises(ModelError, match=r"unused"):
+        block_scores(model, ["used", "unused"], criterion="snip",
+                     data=[(torch.randn(5, 4), torch.randint(0, 3, (5,)))])
+
+
 def _hidden_group():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))

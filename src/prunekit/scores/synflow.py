@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, ModelError
 from . import register_score
 from .context import ScoreContext, logits_of
 
@@ -45,7 +45,11 @@ def synaptic_flow(model: torch.nn.Module, names: list[str], example_inputs) -> t
     output = logits_of(linear(_ones_like_input(example_inputs).to(device)))
     total = output.sum()
     grads = torch.autograd.grad(total, weights, allow_unused=True)
-    scores = [(w * (torch.zeros_like(w) if g is None else g)).detach().abs() for w, g in zip(weights, grads)]
+    missing = [name for name, g in zip(names, grads) if g is None]
+    if missing:  # a zero score would silently mark an unused layer as the first to prune
+        raise ModelError(f"score 'synflow': the output gets no synaptic flow from {', '.join(missing)} (the forward "
+                         "pass does not use it), so it cannot be scored; leave the module out with ignore=[...]")
+    scores = [(w * g).detach().abs() for w, g in zip(weights, grads)]
     return scores, float(total.detach())
 
 

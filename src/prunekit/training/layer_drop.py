@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, unknown_choice
-from ..graph.depth import replace_with_identity, residual_blocks
+from ..errors import ArgumentError, ModelError, unknown_choice
+from ..graph.depth import find_residual_blocks, replace_with_identity
 from ..scores.context import batch_loss
 from ..scores.context import logits_of
 from ..scores.synflow import _ones_like_input
@@ -77,7 +77,11 @@ def block_scores(model: nn.Module, blocks: list[str], criterion: str = "synflow"
         grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), weights, allow_unused=True)
     finally:
         model.train(was_training)
-    scores = [(w.detach() * (torch.zeros_like(w) if g is None else g)).abs() for w, g in zip(weights, grads)]
+    missing = [t.name for t, g in zip(targets, grads) if g is None]
+    if missing:  # a zero score would silently count an unused layer as a block without importance
+        raise ModelError(f"criterion 'snip': the loss gets no gradient from {', '.join(missing)} (the forward pass "
+                         "does not use it), so its block cannot be scored; leave that block out of blocks=[...]")
+    scores = [(w.detach() * g).abs() for w, g in zip(weights, grads)]
     masses = {block: 0.0 for block in blocks}
     for target, score in zip(targets, scores):
         for block in blocks:
@@ -107,13 +111,24 @@ class LayerDropAtInit(PruningCallback):
     blocks: candidate block names (default: every residual block with an identity shortcut that keeps its shape;
     for a transformers decoder, its decoder layers, scored by SNIP on `data` and deleted from the stack with the
     config updated, as prunekit's ShortGPT block removal does).
+    skip_untraceable: leave modules torch.fx cannot trace (so whether they are residual blocks is unknown) out of
+    the default candidates instead of raising TraceError; they are listed in `skipped`.
     The optimizer may be built before (the removed blocks' parameters simply get no gradient again).
     """
 
     def __init__(self, model: nn.Module, count: int, criterion: str = "synflow", *, example_inputs: Any = None,
-                 data: Any = None, blocks: list[str] | None = None, loss_fn: Callable | None = None) -> None:
+                 data: Any = None, blocks: list[str] | None = None, loss_fn: Callable | None = None,
+                 skip_untraceable: bool = False) -> None:
         if criterion not in BLOCK_CRITERIA:
             raise unknown_choice("criterion", criterion, BLOCK_CRITERIA)
+        if not isinstance(skip_untraceable, bool):
+            raise ArgumentError("skip_untraceable", skip_untraceable, "True or False")
+        if criterion == "synflow" and loss_fn is not None:
+            raise ArgumentError("loss_fn", type(loss_fn).__name__, "None with criterion 'synflow' (data-free: no "
+                                "loss is computed)")
+        if criterion == "synflow" and data is not None and example_inputs is not None:
+            raise ArgumentError("data", type(data).__name__, "None with criterion 'synflow' and example_inputs "
+                                "given (SynFlow takes only an input shape, from example_inputs)")
         self.decoder = _decoder_blocks(model)  # (name, blocks) of a transformers decoder stack, else None
         if self.decoder is not None:
             if criterion != "snip":
@@ -131,7 +146,14 @@ class LayerDropAtInit(PruningCallback):
             raise ArgumentError("data", None, "one (inputs, labels) batch: SNIP needs a loss to differentiate")
         self.model, self.criterion, self.example_inputs, self.data, self.loss_fn = (
             model, criterion, example_inputs, data, loss_fn)
-        self.candidates = list(blocks) if blocks is not None else residual_blocks(model, example_inputs)
+        if skip_untraceable and (blocks is not None or self.decoder is not None):
+            raise ArgumentError("skip_untraceable", skip_untraceable, "False when the candidates are not searched "
+                                "by tracing (blocks given, or a transformers decoder's layers)")
+        self.skipped: list[str] = []  # untraceable modules left out of the candidates (skip_untraceable=True)
+        if blocks is not None:
+            self.candidates = list(blocks)
+        else:
+            self.candidates, self.skipped = find_residual_blocks(model, example_inputs, skip_untraceable)
         known = dict(model.named_modules())
         for name in self.candidates:
             if not name or name not in known:
