@@ -377,7 +377,9 @@ class _Analysis:
         self.heads: set[str] = set()  # modules whose units are attention heads
         self.constants: list[ShapeConstant] = []
         self.head_ids: list[np.ndarray] = []  # ids of channels contracted per head (attention products)
-        self.unit_of: dict[int, tuple[Group, int]] = {}  # component label -> (group, unit), filled by _assemble
+        # filled by _assemble: the label of every unit (sorted), its group's number and its place in the group
+        self.unit_labels = self.unit_groups = self.unit_positions = np.zeros(0, np.int64)
+        self.numbered_groups: list[Group] = []
         self.labels: np.ndarray = np.zeros(0, np.int64)
 
     # ids, couplings, members
@@ -1393,8 +1395,8 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
             torch.from_numpy(row_position[begin:stop].copy()), analysis.key_roles[int(keys[begin])],
         ))
     groups = []
-    head_labels = {int(labels[i[0]]) for i in analysis.head_ids}
-    heads_groups = {int(group_of_unit[u]) for u, label in enumerate(units.tolist()) if label in head_labels}
+    head_labels = labels[np.concatenate(analysis.head_ids)] if analysis.head_ids else np.zeros(0, np.int64)
+    heads_groups = set(group_of_unit[np.isin(units, head_labels)].tolist())
     for group_number, members in enumerate(members_of):
         members.sort(key=lambda m: analysis.keys[m.key])
         modules = list(dict.fromkeys(m.module for m in members))
@@ -1402,8 +1404,8 @@ def _assemble(analysis: _Analysis) -> tuple[list[Group], int]:
         name = " -> ".join(modules[:4]) + (f" (+{len(modules) - 4} more)" if len(modules) > 4 else "")
         groups.append(Group(name, "head" if is_heads else "channel", int(counts[group_number]), members))
     # keys are numbered in graph order, so this lists groups from the input side to the output side
-    for label, number, at in zip(units.tolist(), group_of_unit.tolist(), position.tolist()):
-        analysis.unit_of[label] = (groups[number], at)
+    analysis.unit_labels, analysis.unit_groups, analysis.unit_positions = units, group_of_unit, position
+    analysis.numbered_groups = list(groups)
     groups.sort(key=lambda g: min(analysis.keys[m.key] for m in g.members))
     return groups, frozen_units
 
@@ -1482,6 +1484,14 @@ def _dependencies(model: nn.Module, traced: fx.GraphModule, barriers: set[str],
     return found
 
 
+def _unit_of(analysis: _Analysis, label: int) -> tuple[Group, int] | None:
+    """(group, unit) of a component label; None for a frozen one."""
+    at = int(np.searchsorted(analysis.unit_labels, label))
+    if at >= len(analysis.unit_labels) or analysis.unit_labels[at] != label:
+        return None
+    return analysis.numbered_groups[int(analysis.unit_groups[at])], int(analysis.unit_positions[at])
+
+
 def _tie_shape_constants(model: nn.Module, traced: fx.GraphModule, analysis: _Analysis, barriers: set[str]) -> None:
     """Every int a reshape bakes in as the size of a prunable dimension becomes an attribute member of its group
     (the attribute the forward reads it from, found by tracing again); a group whose constant has no such attribute
@@ -1493,11 +1503,10 @@ def _tie_shape_constants(model: nn.Module, traced: fx.GraphModule, analysis: _An
         rows = [set(row.tolist()) for row in labels]
         if all(row == rows[0] for row in rows):
             continue  # every position holds the same units (q/k/v, head width): the size never changes
-        owners = {analysis.unit_of[label][0].name: analysis.unit_of[label][0] for row in rows for label in row
-                  if label != frozen_label and label in analysis.unit_of}
-        groups = list({id(g): g for g in (analysis.unit_of[label][0] for row in rows for label in row
-                                         if label != frozen_label and label in analysis.unit_of)}.values())
-        del owners
+        found_units = {label: _unit_of(analysis, label) for row in rows for label in row}
+        if any(unit is None and label != frozen_label for label, unit in found_units.items()):
+            continue  # channels outside every group (frozen): nothing to follow
+        groups = list({id(u[0]): u[0] for u in found_units.values() if u is not None}.values())
         where = f"{constant.node} in {constant.module or type(model).__name__}"
         if len(groups) != 1 or any(len(row) != 1 for row in rows):
             for group in groups:
@@ -1505,7 +1514,7 @@ def _tie_shape_constants(model: nn.Module, traced: fx.GraphModule, analysis: _An
                                                         "channels of several groups")
             continue
         group = groups[0]
-        units = [analysis.unit_of[next(iter(row))][1] if next(iter(row)) != frozen_label else -1 for row in rows]
+        units = [found_units[next(iter(row))][1] if next(iter(row)) != frozen_label else -1 for row in rows]
         distinct = sorted(set(units) - {-1})
         owner = model.get_submodule(constant.module) if constant.module else model
         attributes = _int_attributes(owner)
