@@ -180,7 +180,9 @@ def test_prune_at_init_gives_the_sparsity_and_keeps_it_through_training(digits, 
     model = mlp(seed=1)
     total = sum(m.weight.numel() for m in linears(model))
     data = batches_of(digits, seed=9)(0)[:2]
-    at_init = PruneAtInit(model, method, 0.7, data=data, n_batches=1 if method == "snip" else 2)  # SNIP: one batch
+    # what each method reads: SNIP one batch, SynFlow the input shape (taken from data), ERK-random nothing
+    inputs = {"snip": {"data": data, "n_batches": 1}, "synflow": {"data": data}, "erk-random": {}}[method]
+    at_init = PruneAtInit(model, method, 0.7, **inputs)
     report = at_init.apply()  # before training
     assert sum(pruned_counts(model).values()) == round(0.7 * total) == report.zeros
     before = {n: m.clone() for n, _, _, m in masks.masked_modules(model)}

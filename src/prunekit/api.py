@@ -19,7 +19,7 @@ from .errors import ArgumentError, ModelError, check_sparsity, unknown_choice
 from .methods import Method, get_method
 from .patterns import NM, Pattern, parse_pattern
 from .report import Report, layer_sparsity
-from .scores import DATA_FREE, SCORES, ScoreContext
+from .scores import DATA_FREE, NEEDS_EXAMPLE, SCORES, ScoreContext
 from .selection import DEFAULT_TYPES, Selection, Target, select
 
 APPLY_MODES = ("mask", "bake")
@@ -76,6 +76,8 @@ def prune(
     plan = _plan(recipe, model, sparsity, pattern, score, budget, min_keep, types, include, ignore, data,
                  example_inputs, rounds, apply, n_batches)
     _check_options(plan, options, distortion_proxy, data, example_inputs)
+    refuse_unused_inputs(plan.score, plan.budget, data=data, loss_fn=loss_fn, n_batches=n_batches,
+                         example_inputs=example_inputs)
     context = ScoreContext(model=model, targets=plan.selection.targets, data=data, loss_fn=loss_fn,
                            n_batches=n_batches, seed=seed, example_inputs=example_inputs, options=options)
     final_masks = _compute_masks(plan, context, min_keep)
@@ -102,6 +104,66 @@ RUNNER_UNUSED = {"score": None, "budget": None, "min_keep": 0, "types": DEFAULT_
                  "n_batches": 1, "example_inputs": None, "rounds": None, "seed": 0, "keep_original": False}
 # Extra keywords each score reads (anything else in **options is refused); the rate-distortion budget adds its own.
 SCORE_OPTIONS = {"taylor": ("taylor_order",), "grasp": ("grasp_temperature",)}
+
+
+# prune()'s data keywords with the value that means "not given".
+INPUT_DEFAULTS = {"data": None, "loss_fn": None, "n_batches": 1, "example_inputs": None}
+
+
+def inputs_used(score: str, budget: str) -> frozenset[str]:
+    """Which of prune()'s data keywords a score and budget read (callers pass only these)."""
+    used: set[str] = set()
+    if score not in DATA_FREE:  # gradient scores: loss on `n_batches` batches of `data`
+        used |= {"data", "loss_fn", "n_batches"}
+    if score in NEEDS_EXAMPLE:
+        used.add("example_inputs")
+    if budget == "rate-distortion":  # output distortion on example_inputs, else on the first batch of data
+        used |= {"data", "example_inputs"}
+    return frozenset(used)
+
+
+def method_inputs(method: str | Method, score: str | None = None, budget: str | None = None) -> frozenset[str]:
+    """inputs_used for a method, with the score and budget it would run under (its own unless overridden)."""
+    recipe = get_method(method)
+    if recipe.runner is not None:  # the calibration-based LLM methods read `data` only
+        return frozenset({"data"})
+    return inputs_used(score or recipe.score, budget or recipe.budget)
+
+
+def inputs_for(preset: dict[str, Any], method: str | Method, score: str | None = None,
+               budget: str | None = None) -> dict[str, Any]:
+    """A model's preset prune options cut to the data keywords the method reads (n_batches to 1 for SNIP)."""
+    from .scores import batches_for
+
+    recipe = get_method(method)
+    score = score or recipe.score
+    used = method_inputs(recipe, score, budget)
+    if score in DATA_FREE and "example_inputs" in preset:  # rate-distortion then measures on example_inputs alone
+        used -= {"data"}
+    kept = {k: v for k, v in preset.items() if k not in INPUT_DEFAULTS or k in used}
+    if "n_batches" in kept:
+        kept["n_batches"] = batches_for(score, kept["n_batches"])
+    return kept
+
+
+def refuse_unused_inputs(score: str, budget: str, **given: Any) -> None:
+    """Raise on a data keyword the score and budget would not read, naming it, its value and what reads it."""
+    used = inputs_used(score, budget)
+    for name, default in INPUT_DEFAULTS.items():
+        value = given[name]
+        unused = name not in used
+        # rate-distortion with a data-free score measures on example_inputs when given, so data would be dropped
+        if name == "data" and score in DATA_FREE and given["example_inputs"] is not None:
+            unused = True
+        if not unused or value is default or (name == "n_batches" and value == default):
+            continue
+        shown = value if name == "n_batches" else type(value).__name__
+        gradient = "a score that needs data (" + ", ".join(sorted(set(SCORES) - DATA_FREE)) + ")"
+        readers = {"data": f"{gradient}, or budget='rate-distortion' without example_inputs", "loss_fn": gradient,
+                   "n_batches": gradient,
+                   "example_inputs": f"score {', '.join(sorted(NEEDS_EXAMPLE))} or budget='rate-distortion'"}[name]
+        raise ArgumentError(name, shown, f"{default!r} (its default) for score {score!r} with budget {budget!r}, "
+                            f"which do not read it; it is read by {readers}")
 
 
 def refuse_unused_by_runner(recipe: Method, **given: Any) -> None:
@@ -181,7 +243,7 @@ def _plan(recipe, model, sparsity, pattern, score, budget, min_keep, types, incl
     sparsity = _resolve_sparsity(sparsity, pattern, budget_name)
     if score_name not in DATA_FREE and data is None:
         raise ArgumentError("data", None, "batches to compute gradients on", f"The score {score_name!r} needs data.")
-    if score_name == "synflow" and example_inputs is None:
+    if score_name in NEEDS_EXAMPLE and example_inputs is None:
         raise ArgumentError("example_inputs", None, "a tensor with the model's input shape (SynFlow uses its shape)")
     if not isinstance(min_keep, (int, float)) or isinstance(min_keep, bool) or min_keep < 0:
         raise ArgumentError("min_keep", min_keep, "a weight count >= 0, or a share of each layer in [0, 1)")

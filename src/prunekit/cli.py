@@ -344,13 +344,11 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def _preset_for(preset: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """A model's preset prune options with n_batches cut to 1 for a score defined on one minibatch (SNIP)."""
-    from .methods import get_method
-    from .scores import batches_for
+    """A model's preset prune options cut to the data the method, --score and --budget read (prune() refuses the
+    rest), with n_batches 1 for a score defined on one minibatch (SNIP)."""
+    from .api import inputs_for
 
-    if "n_batches" not in preset:
-        return preset
-    return {**preset, "n_batches": batches_for(args.score or get_method(args.method).score, preset["n_batches"])}
+    return inputs_for(preset, args.method, args.score, args.budget)
 
 
 def _prune_kwargs(args: argparse.Namespace) -> dict[str, Any]:

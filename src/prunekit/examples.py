@@ -149,16 +149,18 @@ def calibration_batches(data: DigitsData, n_batches: int = 4, batch_size: int = 
     return data.batches(batch_size=batch_size, seed=seed + 7)[:n_batches]
 
 
-def prune_options(data: DigitsData, seed: int = 0, score: str | None = None) -> dict[str, Any]:
-    """The data arguments every registered method may need on this model: batches and an input example.
+def prune_options(data: DigitsData, seed: int = 0, method: str | None = None, score: str | None = None,
+                  budget: str | None = None) -> dict[str, Any]:
+    """The data arguments `method` (with its score and budget, or the overrides) reads on this model.
 
-    n_batches is every batch, or 1 for a `score` defined on exactly one minibatch (SNIP).
+    With no method: every one any registered method may need (batches, their count, an input example), for a
+    caller to cut with prunekit.api.inputs_for. n_batches is every batch, or 1 for a score defined on one (SNIP).
     """
-    from .scores import batches_for
+    from .api import inputs_for
 
     batches = calibration_batches(data, seed=seed)
-    n_batches = len(batches) if score is None else batches_for(score, len(batches))
-    return {"data": batches, "n_batches": n_batches, "example_inputs": data.x_train[:1]}
+    preset = {"data": batches, "n_batches": len(batches), "example_inputs": data.x_train[:1]}
+    return preset if method is None else inputs_for(preset, method, score, budget)
 
 
 def masked_sparsity(model: nn.Module) -> float:
@@ -198,7 +200,8 @@ def run_digits_demo(method: str = "global-magnitude", sparsity: float | None = 0
     dense = accuracy(model, data.x_test, data.y_test)
     say(f"dense digits-cnn: test accuracy {100 * dense:.2f}% ({timings['train']:.1f} s)")
 
-    options = {**prune_options(data, seed, prune_kwargs.get("score") or get_method(method).score), **prune_kwargs}
+    options = {**prune_options(data, seed, method, prune_kwargs.get("score"), prune_kwargs.get("budget")),
+               **prune_kwargs}
     model.eval()  # data-driven scores run forward passes: keep BatchNorm statistics as trained
     report = prune(model, method, sparsity, seed=seed, **options)
     timings["prune"] = report.seconds

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError
-from ..scores import batches_for
 from ..training import GradualPruning, LotteryTicket, PruneAtInit, PruningCallback, fit
 from .tasks import ImageTask, build_model, example_inputs
 
@@ -77,10 +76,10 @@ CallbackFactory = Callable[[nn.Module, float, CellContext], PruningCallback]
 def _at_init(method: str) -> CallbackFactory:
     """PruneAtInit with `method`, given the calibration batches and the input example every method gets."""
     def make(model: nn.Module, sparsity: float, ctx: CellContext) -> PruningCallback:
-        calibration = ctx.calibration
-        n_batches = batches_for(method, len(calibration))  # "snip" names both the at-init method and its score
-        return PruneAtInit(model, method, sparsity, data=calibration, n_batches=n_batches, seed=ctx.seed,
-                           example_inputs=ctx.example)
+        from ..api import inputs_for
+
+        preset = {"data": ctx.calibration, "n_batches": len(ctx.calibration), "example_inputs": ctx.example}
+        return PruneAtInit(model, method, sparsity, seed=ctx.seed, **inputs_for(preset, method))
     return make
 
 
@@ -251,14 +250,13 @@ def run_method(method: str, sparsity: float, ctx: CellContext) -> CellOutcome:
 
 
 def _one_shot(method: str, sparsity: float, ctx: CellContext) -> CellOutcome:
-    from ..api import prune
+    from ..api import inputs_for, prune
     from ..examples import accuracy
-    from ..methods import METHODS
 
     model = ctx.dense_trained()
     calibration = ctx.calibration
-    score = ctx.prune_options.get("score") or METHODS[method].score
-    options = {"data": calibration, "n_batches": batches_for(score, len(calibration)), "example_inputs": ctx.example,
+    preset = {"data": calibration, "n_batches": len(calibration), "example_inputs": ctx.example}
+    options = {**inputs_for(preset, method, ctx.prune_options.get("score"), ctx.prune_options.get("budget")),
                "seed": ctx.seed, **ctx.prune_options}
     model.eval()  # data-driven scores run forward passes: BatchNorm keeps its trained statistics
     prune(model, method, sparsity, **options)
@@ -298,8 +296,12 @@ def _structured(method: str, ratio: float, ctx: CellContext, scratch: bool) -> C
     # bn-scale/FPGM on a model with groups they cannot score (an MLP, a ViT): those groups use the group L2 norm,
     # and the cell's notes say how many did
     fallback = "l2" if score in ("bn-scale", "fpgm") else None
+    from ..graph.importance import NEEDS_GRADIENTS
+
+    # only gradient scores read the batches (prune_structured refuses them for the others)
+    inputs = {"data": calibration, "n_batches": len(calibration)} if score in NEEDS_GRADIENTS else {}
     result = prune_structured(model, ctx.example, ratio, score=score, budget=ctx.training["structured_budget"],
-                              data=calibration, n_batches=len(calibration), seed=ctx.seed, fallback=fallback)
+                              seed=ctx.seed, fallback=fallback, **inputs)
     substituted = [d for d in result.decisions if any("fallback=" in note for note in d.notes)]
     notes = [f"{len(substituted)} of {len(result.decisions)} groups scored by group L2 norm instead of {score} "
              "(no BatchNorm or no producing layer in them)"] if substituted else []

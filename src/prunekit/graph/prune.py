@@ -212,6 +212,19 @@ def _check_inputs(model: nn.Module, example_inputs: Any) -> Any:
                         "tracer runs them, and the pruned model is checked on them before it is returned")
 
 
+def _refuse_unused_batches(score: str, **given: Any) -> None:
+    """Refuse data, loss_fn or n_batches for a score that reads no gradients (they would be ignored)."""
+    if score in NEEDS_GRADIENTS:
+        return
+    for name, default in (("data", None), ("loss_fn", None), ("n_batches", 1)):
+        value = given[name]
+        if value is default or (name == "n_batches" and value == default):
+            continue
+        shown = value if name == "n_batches" else type(value).__name__
+        raise ArgumentError(name, shown, f"{default!r} (its default) for score {score!r}, which reads no "
+                            f"gradients; it is read by the gradient scores ({', '.join(sorted(NEEDS_GRADIENTS))})")
+
+
 def prune_structured(
     model: nn.Module,
     example_inputs: Any,
@@ -254,6 +267,7 @@ def prune_structured(
         raise unknown_choice("fallback", fallback, FALLBACKS)
     if untracked_sizes not in UNTRACKED_SIZES:
         raise unknown_choice("untracked_sizes", untracked_sizes, UNTRACKED_SIZES)
+    _refuse_unused_batches(score, data=data, loss_fn=loss_fn, n_batches=n_batches)
     check_inputs = _check_inputs(model, example_inputs)
     expected, where, error = run_located(model, check_inputs)
     if error is not None:

@@ -15,6 +15,7 @@ from .context import ScoreContext
 ScoreFn = Callable[[ScoreContext], list[torch.Tensor]]
 SCORES: dict[str, ScoreFn] = {}
 DATA_FREE: set[str] = set()
+NEEDS_EXAMPLE = frozenset({"synflow"})  # data-free, but runs the model on example_inputs (for their shape)
 ONE_BATCH = frozenset({"snip"})  # defined on exactly one minibatch (Lee et al. 2019): n_batches > 1 is refused
 
 
@@ -37,4 +38,4 @@ def register_score(name: str, needs_data: bool) -> Callable[[ScoreFn], ScoreFn]:
 
 from . import basic, gradient, synflow  # noqa: E402,F401  (registration side effects)
 
-__all__ = ["SCORES", "DATA_FREE", "ONE_BATCH", "ScoreContext", "batches_for", "register_score"]
+__all__ = ["SCORES", "DATA_FREE", "NEEDS_EXAMPLE", "ONE_BATCH", "ScoreContext", "batches_for", "register_score"]

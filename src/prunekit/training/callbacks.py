@@ -211,9 +211,11 @@ class PruneAtInit(PruningCallback):
                 raise ArgumentError("example_inputs", None, "a tensor with the model's input shape, or data to take "
                                     "it from (SynFlow uses only the shape)")
             prune_kwargs["example_inputs"] = _first_inputs(data)
+            data = None  # read for its shape only: prune() would refuse data SynFlow does not score on
         if get_method(method).score not in DATA_FREE and data is None:
             raise ArgumentError("data", None, "batches to compute gradients on", f"{method!r} needs data.")
         _check_prune_kwargs(prune_kwargs, "PruneAtInit")
+        _refuse_unused_inputs(method, data, prune_kwargs)
         self.model, self.method, self.data, self.prune_kwargs = model, method, data, prune_kwargs
         self.report: Report | None = None
 
@@ -226,6 +228,16 @@ class PruneAtInit(PruningCallback):
     def on_train_begin(self) -> None:
         """Prune before the first step."""
         self.apply()
+
+
+def _refuse_unused_inputs(method: str, data: Any, prune_kwargs: dict[str, Any]) -> None:
+    """Refuse now, not at the first step, the data keywords `method` would not read (prune() refuses them too)."""
+    from ..api import INPUT_DEFAULTS, refuse_unused_inputs
+
+    recipe = get_method(method)
+    given = {name: prune_kwargs.get(name, default) for name, default in INPUT_DEFAULTS.items()}
+    refuse_unused_inputs(prune_kwargs.get("score") or recipe.score, prune_kwargs.get("budget") or recipe.budget,
+                         **{**given, "data": data})
 
 
 def _first_inputs(data: Any) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ..selection import Target
 from .common import targets_of
 
 DENSITY_SOURCES = ("erk", "snip", "synflow")
+DENSITY_INPUTS = {"erk": (), "snip": ("data",), "synflow": ("example_inputs",)}  # what each source reads
 
 
 @dataclass
@@ -60,6 +61,10 @@ def layer_densities(model: nn.Module, sparsity: float, source: str = "erk", *, d
     sparsity = check_sparsity(sparsity)
     if source not in DENSITY_SOURCES:
         raise unknown_choice("densities", source, DENSITY_SOURCES)
+    for name, value in (("data", data), ("example_inputs", example_inputs)):
+        if value is not None and name not in DENSITY_INPUTS[source]:
+            raise ArgumentError(name, type(value).__name__, f"None for densities {source!r}, which does not read it "
+                                f"(snip reads data, synflow example_inputs, erk neither)")
     targets = targets if targets is not None else targets_of(model, **selection)
     if source == "erk":
         values = erk_densities([tuple(t.weight.shape) for t in targets], 1.0 - sparsity)
@@ -101,7 +106,9 @@ def precrop(model: nn.Module, sparsity: float, example_inputs: Any, densities: s
         raise ArgumentError("round_to", round_to, "an integer >= 1 (channel counts are multiples of it)")
     ignore = [ignore] if isinstance(ignore, str) else list(ignore or ())
     targets = targets_of(model, types)
-    wanted = layer_densities(model, sparsity, densities, data=data, example_inputs=example_inputs, targets=targets)
+    # the example always drives the trace below; the densities read it only for SynFlow
+    wanted = layer_densities(model, sparsity, densities, data=data, targets=targets,
+                             example_inputs=example_inputs if densities == "synflow" else None)
     # A model built without transformers ever being imported cannot be one of its models: skip that import.
     graph = default_graph(model, example_inputs) if "transformers" in sys.modules else build_graph(
         model, example_inputs)
