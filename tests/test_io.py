@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -388,7 +389,7 @@ def test_interrupted_overwrite_keeps_the_old_save(saved: Path, monkeypatch: pyte
     prunekit.prune(other, "random", 0.3)
     fail_on_second_write(monkeypatch)
     with pytest.raises(Boom):
-        pio.save(other, saved)
+        pio.save(other, saved, overwrite=True)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["saved"]
 
@@ -404,15 +405,20 @@ def test_failed_rename_restores_the_old_save(saved: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(pio.os, "rename", rename)
     with pytest.raises(OSError, match="disk vanished"):
-        pio.save(CNN(seed=8), saved)
+        pio.save(CNN(seed=8), saved, overwrite=True)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == ["saved"]
 
 
-def test_resave_replaces_a_previous_save(saved: Path) -> None:
+def test_resave_refuses_a_previous_save_unless_overwrite(saved: Path) -> None:
     model = trained_cnn(seed=2)
     report = prunekit.prune(model, "global-magnitude", 0.7)
-    pio.save(model, saved, report)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved.iterdir()}
+    with pytest.raises(ArgumentError, match="^" + re.escape(f"path='{saved}' ") + ".*overwrite=True"):
+        pio.save(model, saved, report)
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in saved.iterdir()} == before  # never touched
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["saved"]
+    pio.save(model, saved, report, overwrite=True)
     assert pio.read_manifest(saved)["method"] == "global-magnitude"
     assert sorted(p.name for p in saved.parent.iterdir()) == ["saved"]  # no backup or staging left behind
     assert_round_trip(model, CNN(seed=77), cnn_input(), saved)

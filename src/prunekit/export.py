@@ -20,16 +20,21 @@ from .io import HF_FORMAT, MANIFEST_FILE, move_into_place, run_summary, sha256_f
 from .report import Report, sparsity_report
 
 
-def check_destination(dest: Path, overwrite: bool) -> None:
-    """Refuse an output folder holding files prunekit did not write, unless told to overwrite."""
-    if not dest.exists():
+def check_destination(dest: Path, overwrite: bool, argument: str = "out") -> None:
+    """Refuse an existing output folder with anything in it (an earlier prunekit output too) unless overwrite=True:
+    without it the folder is never touched. `argument` is the keyword the caller took the path as."""
+    if not isinstance(overwrite, bool):
+        raise ArgumentError("overwrite", overwrite, "True or False")
+    if not dest.exists() and not dest.is_symlink():
         return
-    if not dest.is_dir():
-        raise ArgumentError("out", str(dest), "a folder to write (it exists as a file)")
-    if overwrite or not any(dest.iterdir()) or (dest / MANIFEST_FILE).is_file():
+    if not dest.is_dir() or dest.is_symlink():
+        raise ArgumentError(argument, str(dest), "a folder to write (it exists as a file or a symbolic link)")
+    if overwrite or not any(dest.iterdir()):
         return
-    raise ArgumentError("out", str(dest), "a new folder, an empty one, or an earlier prunekit output",
-                        "It holds files prunekit did not write; pass overwrite=True to replace it.")
+    what = "an earlier prunekit output" if (dest / MANIFEST_FILE).is_file() else "files"
+    raise ArgumentError(argument, str(dest), "a new folder or an empty one, unless overwrite=True",
+                        f"It holds {what}; pass overwrite=True (--overwrite on the command line) to replace the "
+                        "whole folder.")
 
 
 def _versions() -> dict[str, str]:

@@ -158,17 +158,10 @@ def _check_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _check_destination(dest: Path, overwrite: bool) -> None:
-    """Refuse to replace anything that is not a previous prunekit save, unless told to."""
-    if not dest.exists() and not dest.is_symlink():
-        return
-    if not dest.is_dir() or dest.is_symlink():
-        raise ArgumentError("path", str(dest), "a folder to write (it exists as a file or a symbolic link)")
-    if overwrite or is_prunekit_folder(dest) or not any(dest.iterdir()):
-        return
-    raise ArgumentError(
-        "path", str(dest), "a new folder, an empty one, or an earlier prunekit save",
-        "It holds files prunekit did not write; pass overwrite=True to replace the whole folder.",
-    )
+    """Refuse an existing folder with anything in it (an earlier save too) unless overwrite=True."""
+    from .export import check_destination
+
+    check_destination(dest, overwrite, argument="path")
 
 
 def is_prunekit_folder(path: str | os.PathLike) -> bool:
