@@ -167,6 +167,8 @@ def prune_language_model(
     # The tokenizer and config only (seconds): the text and lengths are checked before the weights load.
     config, tokenizer = load_tokenizer(model)
     check_sequence_length(SimpleNamespace(config=config), seq_len)
+    if recipe.runner is not None:  # the calibration methods take one sparsity per block
+        check_block_count(sparsity, config)
     check_calibration_tokens(calib_text, tokenizer, n_samples, seq_len, source=calib)
     samples = calibration_samples(calib_text, tokenizer, n_samples, seq_len, seed)
     device = resolve_device(device)
@@ -219,6 +221,16 @@ def prune_language_model(
         summary["out"] = os.fspath(out)
     summary["report"] = report
     return summary
+
+
+def check_block_count(sparsity: Any, config: Any) -> None:
+    """A per-block sparsity list has one entry per decoder block: checked on config.json's num_hidden_layers,
+    before the weights load (where the config does not say, the job checks it on the loaded blocks)."""
+    n_blocks = getattr(config, "num_hidden_layers", None)
+    if isinstance(sparsity, (list, tuple)) and isinstance(n_blocks, int) and len(sparsity) != n_blocks:
+        raise ArgumentError("sparsity", ",".join(map(str, sparsity)), f"one number, or a list with one sparsity "
+                            f"per decoder block ({n_blocks}: num_hidden_layers in the model's config.json)",
+                            f"The list has {len(sparsity)} entries.")
 
 
 def load_tokenizer(model: str | os.PathLike) -> tuple[Any, Any]:

@@ -153,6 +153,7 @@ def shrink(
         check_destination(Path(out), overwrite)
     # The file is read before the model loads, so a missing or empty one fails at once.
     text = load_text(calib, argument="calib") if calib is not None else None
+    _check_tokens_before_loading(model_name, text, calib, n_samples, seq_len, method, drop_blocks)
     log(f"loading {model_name}")
     model, example, tokenizer, kind = load_model(model_name, input_shape, seed, seq_len)
     check_job(method, kind, budget, drop_blocks)
@@ -193,6 +194,24 @@ def shrink(
     return {"model": model_name, "kind": kind, "method": method, "ratio": ratio, "budget": budget, "target": target,
             "result": result, "before": before, "after": after, "prune_seconds": prune_seconds,
             "dense_perplexity": dense_ppl, "pruned_perplexity": pruned_ppl, "notes": notes, "out": saved}
+
+
+def _check_tokens_before_loading(model_name: str, text: str | None, calib: Any, n_samples: int, seq_len: int,
+                                 method: str, drop_blocks: int) -> None:
+    """For a causal LM that will calibrate: enough tokens for n_samples x seq_len, from its tokenizer alone
+    (seconds, as `prunekit prune` does), so a short text fails before the weights load."""
+    from prunekit import nets
+
+    if model_name in nets.NETS or model_name.lower() in EMBEDDED_ENCODERS or not (method in LLM_METHODS or drop_blocks):
+        return
+    from prunekit.calibration import check_calibration_tokens, load_text
+    from prunekit.pipeline import load_tokenizer, split_held_out
+
+    config, tokenizer = load_tokenizer(model_name)
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])):
+        return  # not a causal LM: check_job refuses the method after the load, by name
+    calibration_text = split_held_out(load_text(None) if text is None else text)[0]
+    check_calibration_tokens(calibration_text, tokenizer, n_samples, seq_len, source=calib)
 
 
 def _text_for(kind: str, tokenizer: Any, text: str | None, n_samples: int, seq_len: int, seed: int, method: str,
