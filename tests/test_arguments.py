@@ -335,3 +335,175 @@ def test_shrink_flags_are_refused_by_name(tmp_path):
     assert code == 2 and err.startswith("prunekit: error: --calib=") and "causal language models" in err, err
     code, _, err = run_cli("shrink", "resnet-small", "--skip-untraceable", "--no-latency", "-q")
     assert code == 2 and err.startswith("prunekit: error: --skip-untraceable=True"), err
+
+
+# --- data keywords only where the score or budget reads them ---------------------------------------------------------
+
+
+def _no_masks(model: nn.Module) -> bool:
+    return not any(name.endswith("_mask") for name, _ in model.named_buffers())
+
+
+@pytest.mark.parametrize("method, keyword, value, extra", [
+    ("magnitude", "data", cnn_batch(), {}),
+    ("global-magnitude", "loss_fn", nn.functional.cross_entropy, {}),
+    ("random", "n_batches", 2, {}),
+    ("lamp", "example_inputs", cnn_batch()[0][:1], {}),
+    ("snip", "example_inputs", cnn_batch()[0][:1], {"data": cnn_batch()}),  # a gradient score reads no example
+    ("synflow", "data", cnn_batch(), {"example_inputs": cnn_batch()[0][:1]}),  # SynFlow reads the shape only
+    # rate-distortion with a data-free score measures on example_inputs when given: data would go unread
+    ("rate-distortion", "data", cnn_batch(), {"example_inputs": cnn_batch()[0][:1]}),
+])
+def test_a_data_keyword_the_method_does_not_read_is_refused(method, keyword, value, extra):
+    model = small_cnn()
+    saved = state_copy(model)
+    with pytest.raises(ArgumentError) as caught:
+        prunekit.prune(model, method, 0.5, **{keyword: value}, **extra)
+    shown = value if keyword == "n_batches" else type(value).__name__
+    assert caught.value.argument == keyword and str(caught.value).startswith(f"{keyword}={shown!r} is not valid")
+    assert "do not read it" in str(caught.value)
+    assert same_state(model, saved) and _no_masks(model)
+
+
+def test_the_data_keywords_a_method_reads_are_accepted():
+    x, y = cnn_batch()
+    assert prunekit.prune(small_cnn(), "synflow", 0.5, example_inputs=x[:1]).sparsity == pytest.approx(0.5, abs=1e-3)
+    assert prunekit.prune(small_cnn(), "taylor", 0.5, data=[(x, y), (x, y)], n_batches=2,
+                          loss_fn=nn.functional.cross_entropy).sparsity == pytest.approx(0.5, abs=1e-3)
+    assert prunekit.prune(small_cnn(), "magnitude", 0.5, budget="rate-distortion", data=(x, y)).sparsity == \
+        pytest.approx(0.5, abs=1e-3)
+
+
+def test_callers_pass_each_method_only_the_data_it_reads():
+    from prunekit.api import inputs_for
+
+    preset = {"data": ["b1", "b2", "b3"], "n_batches": 3, "example_inputs": "x", "types": ["conv"]}
+    assert inputs_for(preset, "magnitude") == {"types": ["conv"]}
+    assert inputs_for(preset, "taylor") == {"data": ["b1", "b2", "b3"], "n_batches": 3, "types": ["conv"]}
+    assert inputs_for(preset, "snip")["n_batches"] == 1  # SNIP is defined on one minibatch
+    assert inputs_for(preset, "synflow") == {"example_inputs": "x", "types": ["conv"]}
+    assert inputs_for(preset, "magnitude", budget="rate-distortion") == {"example_inputs": "x", "types": ["conv"]}
+    assert inputs_for(preset, "magnitude", score="grasp")["data"] == ["b1", "b2", "b3"]
+    assert inputs_for(preset, "wanda") == {"data": ["b1", "b2", "b3"], "types": ["conv"]}
+
+
+def test_prune_at_init_refuses_data_its_method_does_not_read_when_built():
+    from prunekit.training import PruneAtInit
+
+    x, y = cnn_batch()
+    with pytest.raises(ArgumentError, match="^data='tuple' .*'magnitude'"):
+        PruneAtInit(small_cnn(), "magnitude", 0.5, data=(x, y))
+    # SynFlow takes its input shape from data when no example is given: that data is read, so it is accepted
+    callback = PruneAtInit(small_cnn(), "synflow", 0.5, data=(x, y))
+    assert callback.apply().sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("densities, keyword", [("erk", "data"), ("synflow", "data"), ("erk", "example_inputs"),
+                                                ("snip", "example_inputs")])
+def test_layer_densities_refuse_inputs_their_source_does_not_read(densities, keyword):
+    from prunekit.training import layer_densities
+
+    value = cnn_batch() if keyword == "data" else cnn_batch()[0][:1]
+    given = {"example_inputs": cnn_batch()[0][:1]} if densities == "synflow" else {}
+    if densities == "snip":
+        given = {"data": cnn_batch()}
+    with pytest.raises(ArgumentError, match=f"^{keyword}=.*densities '{densities}', which does not read it"):
+        layer_densities(small_cnn(), 0.5, densities, **{**given, keyword: value})
+
+
+@pytest.mark.parametrize("keyword, value", [("data", cnn_batch()), ("loss_fn", nn.functional.cross_entropy),
+                                            ("n_batches", 2)])
+def test_structured_scores_without_gradients_refuse_data_keywords(keyword, value):
+    from prunekit.graph.prune import prune_structured
+
+    model = small_cnn()
+    saved = state_copy(model)
+    with pytest.raises(ArgumentError, match=f"^{keyword}=.*score 'l2', which reads no gradients") as caught:
+        prune_structured(model, cnn_batch()[0][:1], 0.5, score="l2", **{keyword: value})
+    assert caught.value.argument == keyword
+    assert same_state(model, saved) and model[0].out_channels == 16
+
+
+# --- the Python API never touches an existing folder without overwrite=True -----------------------------------------
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.iterdir()}
+
+
+def test_save_refuses_an_earlier_save_unless_overwrite(tmp_path):
+    from prunekit import io
+
+    model = small_cnn()
+    out = io.save(model, tmp_path / "earlier", prunekit.prune(model, "magnitude", 0.5))
+    before = _snapshot(out)
+    other = small_cnn(seed=1)
+    with pytest.raises(ArgumentError, match="overwrite=True") as caught:
+        io.save(other, out)
+    assert caught.value.argument == "path" and caught.value.value == str(out)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]
+    io.save(other, out, overwrite=True)
+    assert _snapshot(out) != before
+    with pytest.raises(ArgumentError, match="^overwrite='yes'"):
+        io.save(other, out, overwrite="yes")
+
+
+@pytest.mark.parametrize("content", ["prunekit.json", "notes.txt"])
+def test_export_destination_check_refuses_any_non_empty_folder(tmp_path, content):
+    from prunekit.export import check_destination
+
+    out = tmp_path / "o"
+    out.mkdir()
+    check_destination(out, False)  # empty: fine
+    (out / content).write_text("{}")
+    with pytest.raises(ArgumentError, match="overwrite=True") as caught:
+        check_destination(out, False)
+    assert caught.value.argument == "out"
+    check_destination(out, True)
+    assert (out / content).read_text() == "{}"  # checking never touches it
+
+
+# --- shrink and per-block sparsities: checked before the weights load -----------------------------------------------
+
+
+def test_shrink_checks_the_calibration_token_count_before_the_model_loads(no_model_load, texts):
+    code, stdout, err = run_cli("shrink", "smollm2-135m", "--method", "flap", "--calib", texts["short"],
+                                "--n-samples", "16", "--seq-len", "64", "--no-latency", "-q")
+    assert code == 2 and stdout == "" and err.startswith(f"prunekit: error: --calib='{texts['short']}'"), err
+    assert "at least 1024 tokens for 16 samples of 64 text tokens" in err and "Traceback" not in err
+
+
+def test_a_per_block_sparsity_list_of_the_wrong_length_fails_before_the_model_loads(no_model_load, tmp_path):
+    code, _, err = run_cli(*LM, "--method", "wanda", "--sparsity", "0.5,0.4", "--n-samples", "2", "--seq-len", "16",
+                           "--out", tmp_path / "o")
+    assert code == 2 and err.startswith("prunekit: error: --sparsity='0.5,0.4' is not valid"), err
+    assert "one sparsity per decoder block (30" in err and "2 entries" in err  # SmolLM2-135M has 30 blocks
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_per_block_sparsity_list_of_the_right_length_reaches_the_model_load(no_model_load, tmp_path):
+    code, _, err = run_cli(*LM, "--method", "wanda", "--sparsity", ",".join(["0.5"] * 30), "--n-samples", "2",
+                           "--seq-len", "16", "--out", tmp_path / "o")
+    assert code == 1 and "a model was loaded before the arguments were checked" in err, err
+
+
+# --- LayerDropAtInit: untraceable candidates skipped only when asked, and listed --------------------------------------
+
+
+def test_layer_drop_refuses_an_untraceable_candidate_or_skips_and_lists_it_when_asked():
+    from prunekit.graph.trace import TraceError
+    from prunekit.training import LayerDropAtInit
+
+    x = torch.randn(4, 8)
+    with pytest.raises(TraceError, match="module '1' \\(_Untraceable\\).*skip_untraceable=True"):
+        LayerDropAtInit(_depth_model(), 1, "synflow", example_inputs=x)
+    model = _depth_model()
+    drop = LayerDropAtInit(model, 1, "synflow", example_inputs=x, skip_untraceable=True)
+    assert drop.skipped == ["1"] and drop.candidates == ["0", "2"]
+    removed = drop.apply()
+    assert len(removed) == 1 and removed[0] in ("0", "2") and isinstance(model.get_submodule(removed[0]), nn.Identity)
+    assert isinstance(model[1], _Untraceable) and model(x).shape == (4, 2)
+    with pytest.raises(ArgumentError, match="^skip_untraceable=True .*blocks given"):
+        LayerDropAtInit(_depth_model(), 1, "synflow", example_inputs=x, blocks=["0", "2"], skip_untraceable=True)
+    with pytest.raises(ArgumentError, match="^skip_untraceable='yes'"):
+        LayerDropAtInit(_depth_model(), 1, "synflow", example_inputs=x, skip_untraceable="yes")
