@@ -7,6 +7,8 @@ still to come through the upper Cholesky factor of H^-1. Written from the paper'
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from ..errors import ModelError
@@ -106,26 +108,53 @@ def sparsegpt_prune_group(
         hinv1 = hinv[start:end, start:end]
         d = torch.diagonal(hinv1).reshape(-1, 1)
         pruned1 = pruned[start:end]
-        if n is None:
-            saliency = w1**2 / d**2
-            for k, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
-                if counts[k][b]:
-                    order = torch.sort(saliency[:, lo:hi].reshape(-1), stable=True).indices[: counts[k][b]]
-                    pruned1[order // (hi - lo), order % (hi - lo) + lo] = True  # a column slice has no flat view
-            # e_i = w_i * pruned_i / d_i for every column of the block, the mask being fixed for the whole block.
-            scale = pruned1.to(wt.dtype) / d
         err = err1[: end - start]
-        for i in range(end - start):
-            if n is not None and i % m == 0:
-                saliency = w1[i:i + m] ** 2 / d[i:i + m] ** 2
-                drop = torch.sort(saliency, dim=0, stable=True).indices[: m - n]
-                pruned1[i:i + m].scatter_(0, drop, True)
-                scale_m = pruned1[i:i + m].to(wt.dtype) / d[i:i + m]
-            e = torch.mul(w1[i], scale[i] if n is None else scale_m[i % m], out=err[i])
-            # OBS update: compensate the removed weights with the inputs not yet processed. Row i itself is never
-            # read again; its pruned entries are set to exactly 0 once, at the end.
-            w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
+        # The block's own work is many small steps, on one thread (see _sweep_block); the large update of the
+        # columns after it keeps the caller's threads.
+        with _intra_op_threads(1):
+            scale = None
+            if n is None:
+                saliency = w1**2 / d**2
+                for k, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+                    if counts[k][b]:
+                        order = torch.sort(saliency[:, lo:hi].reshape(-1), stable=True).indices[: counts[k][b]]
+                        pruned1[order // (hi - lo), order % (hi - lo) + lo] = True  # a column slice has no flat view
+                # e_i = w_i * pruned_i / d_i for every column of the block, the mask being fixed for the whole block.
+                scale = pruned1.to(wt.dtype) / d
+            _sweep_block(w1, hinv1, d, pruned1, err, scale, n, m)
         wt[end:].addmm_(hinv[start:end, end:].t(), err, alpha=-1)
     wt.masked_fill_(pruned, 0)
     return [(wt[:, lo:hi].t().to(w.dtype), ~pruned[:, lo:hi].t())
             for w, lo, hi in zip(weights, offsets[:-1], offsets[1:])]
+
+
+@contextmanager
+def _intra_op_threads(count: int):
+    """Run the body with `count` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    if before != count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if before != count:
+            torch.set_num_threads(before)
+
+
+def _sweep_block(w1: torch.Tensor, hinv1: torch.Tensor, d: torch.Tensor, pruned1: torch.Tensor, err: torch.Tensor,
+                 scale: torch.Tensor | None, n: int | None, m: int | None) -> None:
+    """The column-by-column OBS updates inside one block (in place on w1 and err; N:M masks chosen on the way).
+
+    Run on one thread: each step is a small rank-1 update, for which fork/join of a thread pool costs more than
+    the arithmetic (on a busy machine, up to 8x more); the block's large update after it keeps the caller's threads.
+    """
+    for i in range(w1.shape[0]):
+        if n is not None and i % m == 0:
+            saliency = w1[i:i + m] ** 2 / d[i:i + m] ** 2
+            drop = torch.sort(saliency, dim=0, stable=True).indices[: m - n]
+            pruned1[i:i + m].scatter_(0, drop, True)
+            scale_m = pruned1[i:i + m].to(w1.dtype) / d[i:i + m]
+        e = torch.mul(w1[i], scale[i] if n is None else scale_m[i % m], out=err[i])
+        # OBS update: compensate the removed weights with the inputs not yet processed. Row i itself is never
+        # read again; its pruned entries are set to exactly 0 once, at the end.
+        w1[i:].addr_(hinv1[i, i:], e, alpha=-1)
