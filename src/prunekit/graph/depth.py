@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from prunekit.errors import ArgumentError
+from prunekit.graph.surgery import checked_edit, reference_shapes
 from prunekit.graph.trace import TraceError
 
 
@@ -136,7 +137,8 @@ def replace_with_identity(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 def drop_residual_blocks(model: nn.Module, example_inputs: Any, count: int, skip_untraceable: bool = False
                          ) -> tuple[list[str], dict[str, float], list[str]]:
-    """Remove the `count` residual blocks of lowest block influence.
+    """Remove the `count` residual blocks of lowest block influence; the model then runs on `example_inputs` (on
+    failure it is restored exactly and a ModelError names the module).
 
     Returns (removed names, every block's influence, untraceable modules skipped: only with skip_untraceable).
     """
@@ -146,5 +148,8 @@ def drop_residual_blocks(model: nn.Module, example_inputs: Any, count: int, skip
                             f"(the model has {len(blocks)} removable residual blocks)")
     influence = residual_block_influence(model, example_inputs, blocks)
     chosen = sorted(blocks, key=lambda n: influence[n])[:count]
-    replace_with_identity(model, chosen)
+    # the model must still run without them (a parent may read a removed block's attributes): else restored, and
+    # a ModelError names the module that failed
+    checked_edit(model, lambda: replace_with_identity(model, chosen), example_inputs,
+                 reference_shapes(model, example_inputs), "leave that block out of the removal")
     return chosen, influence, skipped

@@ -145,9 +145,10 @@ def compensate_bias(model: nn.Module, group: Group, removed: torch.Tensor, stats
     if len(columns) == 0:
         return
     shift = layer.weight[:, columns].double() @ stats.mean[columns].double()
-    if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device))
-    layer.bias += shift.to(layer.bias.dtype)
+    old = layer.bias
+    bias = torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device) if old is None else old
+    # a new Parameter, never an in-place add: a failed check restores the old tensor (see surgery.checked_edit)
+    layer.bias = nn.Parameter(bias.detach() + shift.to(bias.dtype), requires_grad=True if old is None else old.requires_grad)
 
 
 def _check_common(model: nn.Module, samples: Any, ratio: Any, round_to: Any) -> float:
@@ -157,6 +158,19 @@ def _check_common(model: nn.Module, samples: Any, ratio: Any, round_to: Any) -> 
     if not isinstance(samples, (list, tuple)) or not samples:
         raise ArgumentError("samples", type(samples).__name__, "a non-empty list of calibration token id tensors")
     return ratio
+
+
+def _apply_checked(model: nn.Module, groups: list[Group], scores: list[torch.Tensor], keeps: list[int],
+                   stats: dict[str, ChannelStats] | None) -> tuple[dict, list[str]]:
+    """Bias compensation, removal and the config flags as one edit, checked by a forward on a few token ids: on
+    failure the weights, biases, attributes and config are restored exactly and a ModelError names the module."""
+    from prunekit.graph.transformers import checked
+
+    def edit() -> tuple[dict, list[str]]:
+        plan = _apply(model, groups, scores, keeps, stats)
+        return plan, (declare_biases(model) if stats is not None else [])
+
+    return checked(model, edit)
 
 
 def _apply(model: nn.Module, groups: list[Group], scores: list[torch.Tensor], keeps: list[int],
@@ -236,8 +250,7 @@ def flap(
         keeps = global_keeps_by_cost(groups, scores, costs, ratio, round_to)
     else:
         keeps = [rounded_keep(g.size, g.size * (1 - ratio), round_to, g.min_keep) for g in groups]
-    plan = _apply(model, groups, scores, keeps, stats if bias_compensation else None)
-    notes = declare_biases(model) if bias_compensation else []
+    plan, notes = _apply_checked(model, groups, scores, keeps, stats if bias_compensation else None)
     decisions = [GroupDecision(g.name, g.kind, g.size, k) for g, k in zip(groups, keeps)]
     if notes and decisions:
         decisions[0].notes += notes
@@ -310,7 +323,7 @@ def cfsp(
     stats = collect_input_stats(model, samples, layers, progress=progress)
     scores = [cfsp_neuron_scores(model, g, stats) for g in groups]
     keeps = [rounded_keep(g.size, g.size * (1 - s), round_to, g.min_keep) for g, s in zip(groups, sparsities)]
-    plan = _apply(model, groups, scores, keeps, None)
+    plan, _ = _apply_checked(model, groups, scores, keeps, None)
     decisions = [GroupDecision(g.name, g.kind, g.size, k, [f"block angular importance {i:.4f}, sparsity {s:.3f}"])
                  for g, k, i, s in zip(groups, keeps, importance, sparsities)]
     settings = {"method": "cfsp", "ratio": ratio, "round_to": round_to, "calibration_samples": len(samples),

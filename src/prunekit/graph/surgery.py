@@ -6,16 +6,18 @@ original class plus the plan, without pickling modules: `apply_plan(fresh_model,
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
 
-from prunekit.errors import FormatError, ModelError
+from prunekit.errors import ArgumentError, FormatError, ModelError
 from prunekit.graph.groups import ATTRIBUTE
 
 # (module, param, dim) -> sorted LongTensor of the indices kept along dim
 Plan = dict[tuple[str, str, int], torch.Tensor]
+T = TypeVar("T")
 
 # Functions that bring a module's attributes in line with its (sliced) tensors. Each returns True when it
 # recognised the module. Adapters (transformers attention, ...) add theirs with `register_refresher`.
@@ -112,23 +114,48 @@ def refresh_attributes(model: nn.Module) -> None:
 # --- never a broken model -----------------------------------------------------------------------------------------
 
 
-Snapshot = list[tuple[nn.Module, dict, dict, dict]]
+@dataclass
+class Snapshot:
+    """What `restore` puts back: every module's attributes, parameters, buffers and children, and every config's fields."""
+
+    modules: list[tuple[nn.Module, dict, dict, dict, dict]]
+    configs: list[tuple[Any, dict]]
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The config objects the modules hold (transformers: one shared config, its text config), each once."""
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is None or isinstance(config, nn.Module) or not hasattr(config, "__dict__"):
+            continue
+        found.setdefault(id(config), config)
+        text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+        if text is not None and hasattr(text, "__dict__"):
+            found.setdefault(id(text), text)
+    return list(found.values())
 
 
 def snapshot(model: nn.Module) -> Snapshot:
-    """Every module's attributes, parameters and buffers by reference (surgery replaces tensors, never edits them)."""
-    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    """Every module's attributes, parameters, buffers and children by reference, and every config's fields (surgery
+    replaces tensors, children and config values, never edits them in place)."""
+    modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+    return Snapshot(modules, [(config, dict(config.__dict__)) for config in _configs(model)])
 
 
 def restore(saved: Snapshot) -> None:
-    """Put back exactly what `snapshot` saw: the same tensor objects, the same attribute values."""
-    for module, attributes, parameters, buffers in saved:
+    """Put back exactly what `snapshot` saw: the same tensor objects, children, attribute and config values."""
+    for module, attributes, parameters, buffers, children in saved.modules:
         module.__dict__.clear()
         module.__dict__.update(attributes)
-        module._parameters.clear()
-        module._parameters.update(parameters)
-        module._buffers.clear()
-        module._buffers.update(buffers)
+        # the containers themselves may have been replaced (ModuleList renumbering) or edited (del, setattr)
+        for key, items in (("_parameters", parameters), ("_buffers", buffers), ("_modules", children)):
+            container = module.__dict__[key]
+            container.clear()
+            container.update(items)
+    for config, fields in saved.configs:
+        config.__dict__.clear()
+        config.__dict__.update(fields)
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -176,27 +203,51 @@ def run_located(model: nn.Module, example_inputs: Any) -> tuple[Any, str | None,
             handle.remove()
 
 
-def apply_checked(model: nn.Module, plan: Plan, example_inputs: Any, expected: Any = None) -> nn.Module:
-    """apply_plan, then a forward on `example_inputs`; on any failure (or an output of another shape than `expected`)
-    the model is restored exactly and a ModelError names the module where the forward failed."""
+BARRIER_HINT = "mark that module as a barrier (barriers=[...], CLI --barrier) or ignore it"
+
+
+def reference_shapes(model: nn.Module, example_inputs: Any) -> Any:
+    """The output shapes of the model before surgery; an ArgumentError naming example_inputs when it cannot run them."""
+    shapes, where, error = run_located(model, example_inputs)
+    if error is not None:
+        raise ArgumentError("example_inputs", type(example_inputs).__name__, f"inputs the model accepts; running it "
+                            f"failed in module {where!r}: {type(error).__name__}: {_first_line(error)}")
+    return shapes
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
+
+
+def checked_edit(model: nn.Module, edit: Callable[[], T], example_inputs: Any, expected: Any = None,
+                 hint: str = BARRIER_HINT) -> T:
+    """Run `edit()` (surgery on `model`), then a forward on `example_inputs`; on any failure of either (or an output
+    of another shape than `expected`) the model and its config are restored exactly and a ModelError names the
+    module where the forward failed. Returns what `edit` returned."""
     saved = snapshot(model)
     try:
-        apply_plan(model, plan)
+        result = edit()
     except Exception:
         restore(saved)
         raise
     shapes, where, error = run_located(model, example_inputs)
     if error is None and (expected is None or shapes == expected):
-        return model
+        return result
+    # named before restoring: a removal that renumbers blocks gives the same name to another module afterwards
+    label = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else \
+        f"{type(model).__name__}.forward"
     restore(saved)
     if error is None:
         raise ModelError(f"the pruned model's output has shape {shapes}, not {expected}; the model was restored "
                          "to its state before pruning")
-    label = f"module {where!r} ({type(model.get_submodule(where)).__name__})" if where else \
-        f"{type(model).__name__}.forward"
     raise ModelError(f"the pruned model fails on the example inputs in {label}: {type(error).__name__}: "
-                     f"{str(error).splitlines()[0] if str(error) else ''}. The model was restored to its state before "
-                     "pruning; mark that module as a barrier (barriers=[...], CLI --barrier) or ignore it") from None
+                     f"{_first_line(error)}. The model was restored to its state before pruning; {hint}") from None
+
+
+def apply_checked(model: nn.Module, plan: Plan, example_inputs: Any, expected: Any = None) -> nn.Module:
+    """apply_plan, then a forward on `example_inputs`; on any failure (or an output of another shape than `expected`)
+    the model is restored exactly and a ModelError names the module where the forward failed."""
+    return checked_edit(model, lambda: apply_plan(model, plan), example_inputs, expected)
 
 
 # --- the torch.nn modules --------------------------------------------------------------------------------------

@@ -23,14 +23,22 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from prunekit.errors import ArgumentError, ModelError
 from prunekit.graph.groups import Barrier, DependencyGraph, Group, Member
-from prunekit.graph.surgery import Plan, apply_plan, merge_removals, plan_from_removals, register_refresher
+from prunekit.graph.surgery import (
+    Plan,
+    apply_plan,
+    checked_edit,
+    merge_removals,
+    plan_from_removals,
+    register_refresher,
+    run_located,
+)
 
 HEAD_MODES = ("query", "kv-group")
 
@@ -406,8 +414,46 @@ def transformers_graph(
     return DependencyGraph(groups=groups, barriers=barriers)
 
 
+CHECK_HINT = "the model's forward reads a size, index or module that the removal changed"
+
+
+def check_ids(model: nn.Module) -> torch.Tensor:
+    """The inputs a transformers model is checked on after surgery: a few token ids (as prune_structured's default),
+    on the model's device."""
+    from prunekit.graph.prune import _check_inputs
+
+    parameter = next(model.parameters(), None)
+    ids = _check_inputs(model, None)
+    return ids.to(parameter.device) if parameter is not None else ids
+
+
+def checked(model: nn.Module, edit: Callable[[], Any], same_shapes: bool = True) -> Any:
+    """surgery.checked_edit on a few token ids: the edit's result, or the model restored exactly and a ModelError
+    naming the module that failed. With `same_shapes`, the outputs must keep the shapes they had before the edit
+    (when the model ran before it: a config fixed by the edit itself, such as a removed block's layer type, is fine)."""
+    ids = check_ids(model)
+    expected, _, error = run_located(model, ids) if same_shapes else (None, None, None)
+    return checked_edit(model, edit, ids, expected if error is None else None, CHECK_HINT)
+
+
+def _slices_hidden(model: nn.Module, plan: Plan) -> bool:
+    """Whether the plan narrows the input embeddings (the hidden size), which changes an encoder's output shape."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = [name for name, module in model.named_modules() if module is embedding]
+    return any(module in names and param == "weight" and dim == 1 for module, param, dim in plan)
+
+
+def apply_plan_checked(model: nn.Module, plan: Plan) -> nn.Module:
+    """apply_plan (a plan replay) on a transformers model, then a forward on a few token ids; on failure the model is
+    restored exactly and a ModelError names the module that failed."""
+    return checked(model, lambda: apply_plan(model, plan), same_shapes=not _slices_hidden(model, plan))
+
+
 def remove_units(model: nn.Module, selections: Iterable[tuple[Group, Any]]) -> Plan:
-    """Physically remove, for every (group, units) pair, those units; returns the plan applied (see surgery)."""
+    """Physically remove, for every (group, units) pair, those units; returns the plan applied (see surgery).
+
+    The pruned model runs on a few token ids before this returns; on failure (or a changed output shape) it is
+    restored exactly and a ModelError names the module that failed."""
     parts = []
     for group, units in selections:
         units = torch.as_tensor(units, dtype=torch.long).reshape(-1)
@@ -418,7 +464,7 @@ def remove_units(model: nn.Module, selections: Iterable[tuple[Group, Any]]) -> P
                                 f"at most {group.size - group.min_keep} of the {group.size} units of {group.name!r}")
         parts.append(group.removed_indices(units))
     plan = plan_from_removals(model, merge_removals(parts))
-    apply_plan(model, plan)
+    apply_plan_checked(model, plan)
     return plan
 
 
@@ -688,12 +734,22 @@ def _check_indices(indices: Any, count: int) -> list[int]:
 
 def remove_blocks(model: nn.Module, indices: Iterable[int]) -> list[str]:
     """Delete decoder blocks `indices`: renumber the layer indices the KV cache uses, update num_hidden_layers and
-    the per-layer config lists (layer_types, ...). Returns notes of what changed."""
+    the per-layer config lists (layer_types, ...). Returns notes of what changed.
+
+    The model runs on a few token ids before this returns; on failure (or a changed output shape) the blocks, their
+    indices and the config are restored exactly and a ModelError names the module that failed."""
+    from prunekit.hf import find_decoder_blocks
+
+    _, blocks = find_decoder_blocks(model)
+    removed = _check_indices(indices, len(blocks))
+    return checked(model, lambda: _remove_blocks(model, removed))
+
+
+def _remove_blocks(model: nn.Module, removed: list[int]) -> list[str]:
     from prunekit.hf import find_decoder_blocks
 
     blocks_name, blocks = find_decoder_blocks(model)
     count = len(blocks)
-    removed = _check_indices(indices, count)
     kept = [i for i in range(count) if i not in removed]
     config = _text_config(model)
     if config is not None and getattr(config, "is_heterogeneous", False):
