@@ -198,3 +198,19 @@ def test_drop_residual_blocks_restores_the_blocks_when_the_model_stops_running()
     removed, _, _ = drop_residual_blocks(model, x, 1)
     assert len(removed) == 1 and isinstance(model.get_submodule(removed[0]), nn.Identity)
     assert model(x).shape == expected.shape
+
+
+def test_hidden_size_pruning_of_an_encoder_passes_the_check_with_its_narrower_output():
+    # narrowing the residual stream narrows an encoder's output: the check must expect that, not refuse it
+    import transformers
+
+    from prunekit.graph.prune import prune_structured
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    prune_structured(model, None, 0.25, graph=transformers_graph(model, heads=None, neurons=False, hidden=True))
+    assert model.embeddings.word_embeddings.weight.shape == (100, 24)
+    out = model(input_ids=torch.arange(4).unsqueeze(0)).last_hidden_state
+    assert out.shape == (1, 4, 24)

@@ -307,6 +307,11 @@ def prune_structured(
         if budget == "uniform" and wanted < decision.kept and wanted < max(1, group.min_keep):
             decision.notes.append(f"ratio {ratio:g} would remove every unit; kept {decision.kept}")
     if plan:
+        if is_transformers_model(model):
+            from prunekit.graph.transformers import _slices_hidden
+
+            if _slices_hidden(model, plan):  # a narrower hidden size is the point: an encoder's output narrows too
+                expected = None
         apply_checked(model, plan, check_inputs, expected)
     if measure_costs:
         from prunekit.measure import cost_report
