@@ -273,3 +273,21 @@ def test_one_pass_sparsegpt_and_owl_run_and_refuse_checkpoints(tmp_path):
         prune_causal_lm(_tiny(), _samples(), 0.5, calibration="one-pass", checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(prunekit.ArgumentError, match="calibration='onepass'.*one-pass"):
         prune_causal_lm(_tiny(), _samples(), 0.5, calibration="onepass", progress=False)
+
+
+@pytest.mark.parametrize("features", [7, 300, 577])
+def test_input_stats_hessian_is_the_full_symmetric_gram_from_upper_tiles(features):
+    # only the upper triangle is accumulated: readers must still see H = 2 X X^T / n, symmetric, in every tile layout
+    from prunekit.activations import InputStats
+
+    torch.manual_seed(0)
+    batches = [torch.randn(1, 40, features), torch.randn(2, 9, features)]
+    stats = InputStats(features, hessian=True)
+    for batch in batches:
+        stats.update(batch)
+    x = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    expected = 2 * x.t() @ x / x.shape[0]
+    hessian = stats.hessian
+    assert torch.equal(hessian, hessian.t())
+    torch.testing.assert_close(hessian, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats.hessian, hessian)  # reading does not consume or change the running total

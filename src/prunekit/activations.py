@@ -10,7 +10,30 @@ from __future__ import annotations
 import torch
 
 
-XTX_COLUMNS = 512
+XTX_TILE = 256
+
+
+def add_upper_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the upper triangle (diagonal included) of x^T x to `total`; the lower triangle is left untouched.
+
+    X^T X is symmetric, so one row tile at a time against the columns from the tile's first on: about half the
+    multiply-adds and half the float64 traffic of the full product (the product is the largest cost of SparseGPT's
+    statistics). Each product is float32 (fast) and the running total float64; the mixed-dtype add_ widens each
+    value as it is read, without a float64 copy. The tiles depend only on the feature count, so a sample's products
+    are the same on every rank and a split run adds up to the same total as one process.
+    """
+    features = x.shape[1]
+    tile = -(-features // -(-features // XTX_TILE))  # equal tiles of at most XTX_TILE rows
+    xt = x.t()
+    for start in range(0, features, tile):
+        total[start:start + tile, start:].add_(xt[start:start + tile] @ x[:, start:])
+
+
+def symmetric_from_upper(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle `upper` holds (in place: the lower triangle is overwritten)."""
+    lower = torch.tril_indices(upper.shape[0], upper.shape[1], -1, device=upper.device)
+    upper[lower[0], lower[1]] = upper[lower[1], lower[0]]
+    return upper
 
 
 class InputStats:
@@ -22,7 +45,8 @@ class InputStats:
         self.sum = torch.zeros(features, dtype=torch.float64)
         self.sum_sq = torch.zeros(features, dtype=torch.float64)
         # float64: sums of per-sample products then agree to the last float32 bit whatever order they are added in,
-        # so a run split across ranks (torch.distributed) reaches the same SparseGPT masks as one process
+        # so a run split across ranks (torch.distributed) reaches the same SparseGPT masks as one process. Only the
+        # upper triangle is accumulated (add_upper_gram); readers see the full matrix (symmetric_from_upper).
         self.xtx = torch.zeros(features, features, dtype=torch.float64) if hessian else None
 
     @torch.no_grad()
@@ -35,12 +59,7 @@ class InputStats:
         self.sum += x.sum(0, dtype=torch.float64)
         self.sum_sq += (x * x).sum(0, dtype=torch.float64)
         if self.xtx is not None:
-            # The product in float32 (fast), the running sum in float64; a slice of columns at a time, so the
-            # temporary is features x 512 rather than a second features x features matrix. The mixed-dtype add_
-            # widens each float32 value as it is read (exact, the same sum as .double() first) without writing a
-            # float64 copy: one pass over the float64 total per sample instead of three.
-            for start in range(0, self.features, XTX_COLUMNS):
-                self.xtx[:, start:start + XTX_COLUMNS].add_(x.t() @ x[:, start:start + XTX_COLUMNS])
+            add_upper_gram(self.xtx, x)
 
     def inverse_factor(self, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
         """SparseGPT's (upper Cholesky factor of the damped inverse Hessian, dead inputs), computed once per
@@ -53,7 +72,7 @@ class InputStats:
                 raise RuntimeError("this accumulator's X X^T was released after an inverse factor was computed")
             # The factor is all the solver needs: X X^T becomes H in place and is then released (the largest
             # matrix of a block's statistics, n x n in float64).
-            hessian, self.xtx = self.xtx.mul_(2.0 / max(self.tokens, 1)), None
+            hessian, self.xtx = symmetric_from_upper(self.xtx).mul_(2.0 / max(self.tokens, 1)), None
             cache[dampening] = inverse_hessian_factor(hessian, dampening, copy=False)
         return cache[dampening]
 
@@ -86,4 +105,4 @@ class InputStats:
         if self.xtx is None:
             raise RuntimeError("this accumulator has no X X^T (created without hessian=True, or released once "
                                "its inverse factor was computed)")
-        return self.xtx * (2.0 / max(self.tokens, 1))
+        return symmetric_from_upper(self.xtx.clone()) * (2.0 / max(self.tokens, 1))
