@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from prunekit.errors import ArgumentError, ModelError, unknown_choice
+from prunekit.errors import ArgumentError, unknown_choice
 from prunekit.graph.groups import Group, Member
 
 GroupScore = Callable[[nn.Module, Group, dict], torch.Tensor]
@@ -141,23 +141,21 @@ def gradient_group_scores(model: nn.Module, groups: list[Group], score: str, opt
     Gradients come from torch.autograd.grad, so the model's .grad fields and requires_grad flags are untouched.
     """
     from prunekit.scores.context import ScoreContext, batch_loss
-    from prunekit.scores.gradient import requiring_grad
+    from prunekit.scores.gradient import require_gradients, requiring_grad
 
     function = get_score(score)
     parameters = _group_parameters(model, groups)
     names = list(parameters)
     unique = list({id(p): p for p in parameters.values()}.values())  # tied weights: differentiate once
     position = {id(p): i for i, p in enumerate(unique)}
+    unique_names = [next(n for n in names if parameters[n] is p) for p in unique]
     totals = [torch.zeros(group.size, dtype=torch.float64) for group in groups]
     count = 0
     with requiring_grad(unique):
         for batch in ScoreContext(model, [], data=data, loss_fn=loss_fn, n_batches=n_batches).batches():
-            grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), unique, allow_unused=True)
-            missing = [name for name in names if grads[position[id(parameters[name])]] is None]
-            if missing:
-                raise ModelError(f"score {score!r}: the loss gets no gradient from {', '.join(missing)} (the "
-                                 "forward pass does not use it), so its group cannot be scored; leave the module "
-                                 "out with ignore=[...]")
+            grads = require_gradients(torch.autograd.grad(batch_loss(model, batch, loss_fn), unique,
+                                                          allow_unused=True),
+                                      unique_names, f"score {score!r}", remedy="leave the module out with ignore=[...]")
             batch_options = {**options, "gradients": {n: grads[position[id(parameters[n])]].detach() for n in names}}
             for total, group in zip(totals, groups):
                 total += function(model, group, batch_options)

@@ -39,10 +39,17 @@ def _grad(loss: torch.Tensor, weights: list[torch.Tensor], names: list[str], sco
           create_graph: bool = False) -> list[torch.Tensor]:
     """dloss/dw for every weight; a weight the loss does not reach is an error, not a zero score."""
     grads = torch.autograd.grad(loss, weights, allow_unused=True, create_graph=create_graph)
+    return require_gradients(grads, names, f"score {score!r}")
+
+
+def require_gradients(grads, names: list[str], what: str, source: str = "the loss",
+                      remedy: str = "leave it out with ignore=[...] or include=[...]") -> list[torch.Tensor]:
+    """autograd.grad(..., allow_unused=True)'s results, with a None (a weight `source` does not reach) an error
+    naming the weight: a zero score would silently make it the first to prune."""
     missing = [name for name, g in zip(names, grads) if g is None]
     if missing:
-        raise ModelError(f"score {score!r}: the loss gets no gradient from {', '.join(missing)} (the forward pass "
-                         "does not use it), so it cannot be scored; leave it out with ignore=[...] or include=[...]")
+        raise ModelError(f"{what}: {source} gets no gradient from {', '.join(missing)} (the forward pass does not "
+                         f"use it), so it cannot be scored; {remedy}")
     return list(grads)
 
 

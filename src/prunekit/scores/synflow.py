@@ -10,9 +10,10 @@ import copy
 
 import torch
 
-from ..errors import ArgumentError, ModelError
+from ..errors import ArgumentError
 from . import register_score
 from .context import ScoreContext, logits_of
+from .gradient import require_gradients
 
 
 def _ones_like_input(example_inputs) -> torch.Tensor:
@@ -44,11 +45,8 @@ def synaptic_flow(model: torch.nn.Module, names: list[str], example_inputs) -> t
     device = weights[0].device
     output = logits_of(linear(_ones_like_input(example_inputs).to(device)))
     total = output.sum()
-    grads = torch.autograd.grad(total, weights, allow_unused=True)
-    missing = [name for name, g in zip(names, grads) if g is None]
-    if missing:  # a zero score would silently mark an unused layer as the first to prune
-        raise ModelError(f"score 'synflow': the output gets no synaptic flow from {', '.join(missing)} (the forward "
-                         "pass does not use it), so it cannot be scored; leave the module out with ignore=[...]")
+    grads = require_gradients(torch.autograd.grad(total, weights, allow_unused=True), names, "score 'synflow'",
+                              source="the synaptic flow R", remedy="leave the module out with ignore=[...]")
     scores = [(w * g).detach().abs() for w, g in zip(weights, grads)]
     return scores, float(total.detach())
 

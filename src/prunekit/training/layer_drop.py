@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, ModelError, unknown_choice
+from ..errors import ArgumentError, unknown_choice
 from ..graph.depth import find_residual_blocks, replace_with_identity
 from ..scores.context import batch_loss
 from ..scores.context import logits_of
+from ..scores.gradient import require_gradients
 from ..scores.synflow import _ones_like_input
 from .callbacks import PruningCallback, _first_inputs
 from .common import targets_of
@@ -77,10 +78,8 @@ def block_scores(model: nn.Module, blocks: list[str], criterion: str = "synflow"
         grads = torch.autograd.grad(batch_loss(model, batch, loss_fn), weights, allow_unused=True)
     finally:
         model.train(was_training)
-    missing = [t.name for t, g in zip(targets, grads) if g is None]
-    if missing:  # a zero score would silently count an unused layer as a block without importance
-        raise ModelError(f"criterion 'snip': the loss gets no gradient from {', '.join(missing)} (the forward pass "
-                         "does not use it), so its block cannot be scored; leave that block out of blocks=[...]")
+    grads = require_gradients(grads, [t.name for t in targets], "criterion 'snip'",
+                              remedy="leave that block out of blocks=[...]")
     scores = [(w.detach() * g).abs() for w, g in zip(weights, grads)]
     masses = {block: 0.0 for block in blocks}
     for target, score in zip(targets, scores):
