@@ -6,17 +6,17 @@ and the tests can show a whole prune -> fine-tune -> measure cycle on real data.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArgumentError
+from .threads import intra_op_threads
 
 DIGITS_SEED = 0
 TEST_SHARE = 0.25
@@ -86,19 +86,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the caller's setting.
-
-    The batches are tiny (32 images of 8x8), so thread hand-offs cost more than they save: measured on 2 cores,
-    12 epochs take 1.3 s on one thread vs 1.05 s on two when idle, but 3 s vs 30-60 s when the machine is busy.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# The digits batches are tiny (32 images of 8x8): measured on 2 cores, 12 epochs take 1.3 s on one thread vs
+# 1.05 s on two when idle, but 3 s vs 30-60 s when the machine is busy; training runs on one thread.
 
 
 def train(model: nn.Module, data: DigitsData, epochs: int, lr: float = LEARNING_RATE, seed: int = 0,
@@ -112,7 +101,7 @@ def train(model: nn.Module, data: DigitsData, epochs: int, lr: float = LEARNING_
     # disable=None: a live bar on a terminal only; logs (CI, pipes) get the caller's plain progress lines instead.
     bar = tqdm(range(epochs), desc=desc, unit="epoch", disable=None if progress else True, file=sys.stderr,
                leave=False)
-    with _one_thread():
+    with intra_op_threads(1):
         for epoch in bar:
             loss_value = _epoch(model, optimizer, data.batches(seed=seed * 1000 + epoch))  # a new order each epoch
             bar.set_postfix(loss=f"{loss_value:.3f}")

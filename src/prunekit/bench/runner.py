@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import PruneError
 from ..selection import module_kind
+from ..threads import intra_op_threads
 from .config import BenchConfig, ConfigError, ModelSpec
 from .methods import CellContext, kind_of, run_method, timed, train_dense, uses_sparsity
 from .language import LanguageModels, layer_filter, run_language_cell
@@ -232,18 +233,6 @@ def sparsity_against(dense: nn.Module, model: nn.Module, keep: Callable[[str], b
 # --- the run -----------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` intra-op threads (small models: thread hand-offs cost more than they save), then restore."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run_cell(cell: Cell, config: BenchConfig, task: ImageTask | TextTask, cache: DenseCache,
              language_models: LanguageModels) -> dict[str, Any]:
     """Run one cell and return its JSONL record."""
@@ -310,7 +299,7 @@ def run_bench(config: BenchConfig, run_dir: str | os.PathLike, *, resume: bool =
     task = load_task(config.dataset, config.dataset_options) if todo else None
     cache, language_models = DenseCache(run_dir), LanguageModels()
     machine = machine_info()  # each cell records where it ran: a resumed grid may span machines
-    with torch_threads(threads):
+    with intra_op_threads(threads or None):  # 0 or None: the caller's setting
         bar = tqdm(todo, desc="bench", unit="cell", disable=not progress, file=sys.stderr)
         for cell in bar:
             bar.set_postfix_str(f"{cell.model.label} {cell.method} {cell.sparsity:g} seed {cell.seed}")

@@ -7,11 +7,10 @@ still to come through the upper Cholesky factor of H^-1. Written from the paper'
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from ..errors import ModelError
+from ..threads import intra_op_threads
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +110,7 @@ def sparsegpt_prune_group(
         err = err1[: end - start]
         # The block's own work is many small steps, on one thread (see _sweep_block); the large update of the
         # columns after it keeps the caller's threads.
-        with _intra_op_threads(1):
+        with intra_op_threads(1):
             scale = None
             if n is None:
                 saliency = w1**2 / d**2
@@ -126,19 +125,6 @@ def sparsegpt_prune_group(
     wt.masked_fill_(pruned, 0)
     return [(wt[:, lo:hi].t().to(w.dtype), ~pruned[:, lo:hi].t())
             for w, lo, hi in zip(weights, offsets[:-1], offsets[1:])]
-
-
-@contextmanager
-def _intra_op_threads(count: int):
-    """Run the body with `count` intra-op threads, then restore the caller's setting."""
-    before = torch.get_num_threads()
-    if before != count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if before != count:
-            torch.set_num_threads(before)
 
 
 def _sweep_block(w1: torch.Tensor, hinv1: torch.Tensor, d: torch.Tensor, pruned1: torch.Tensor, err: torch.Tensor,
