@@ -239,12 +239,6 @@ def gather_stats(feed, layers: dict[str, nn.Module], hessian: bool) -> dict[str,
 
 
 @torch.no_grad()
-def prune_linear(target: Target, stats: InputStats, settings: LLMSettings, sparsity: float) -> torch.Tensor:
-    """Prune one linear layer in place with the chosen solver; returns its keep-mask (weight-shaped)."""
-    return prune_group([target], stats, settings, sparsity)[0]
-
-
-@torch.no_grad()
 def prune_group(targets: Sequence[Target], stats: InputStats, settings: LLMSettings, sparsity: float) -> list[torch.Tensor]:
     """Prune layers fed the same input (one shared accumulator: q/k/v, gate/up) in place; returns their keep-masks.
 
