@@ -335,12 +335,10 @@ def _validate_prune_args(args: argparse.Namespace) -> None:
 
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse, before any work is done, an --out that exists with files in it (an earlier save included) unless
-    --overwrite is given: without it an existing folder is never touched."""
-    if out.exists() and not out.is_dir():
-        raise ArgumentError("--out", str(out), "a folder to write (it exists as a file)")
-    if out.is_dir() and not overwrite and any(out.iterdir()):
-        raise ArgumentError("--out", str(out), "a new folder or an empty one",
-                            "It holds files; pass --overwrite to replace the whole folder.")
+    --overwrite is given: the rule every save applies (export.check_destination), named by the flag."""
+    from .export import check_destination
+
+    check_destination(out, overwrite, argument="--out")
 
 
 def _preset_for(preset: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

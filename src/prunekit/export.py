@@ -32,9 +32,10 @@ def check_destination(dest: Path, overwrite: bool, argument: str = "out") -> Non
     if overwrite or not any(dest.iterdir()):
         return
     what = "an earlier prunekit output" if (dest / MANIFEST_FILE).is_file() else "files"
-    raise ArgumentError(argument, str(dest), "a new folder or an empty one, unless overwrite=True",
-                        f"It holds {what}; pass overwrite=True (--overwrite on the command line) to replace the "
-                        "whole folder.")
+    # a CLI flag (argument '--out') is answered with the flag that lifts the rule, a Python keyword with the keyword
+    lift = "--overwrite" if argument.startswith("--") else "overwrite=True (--overwrite on the command line)"
+    raise ArgumentError(argument, str(dest), f"a new folder or an empty one, unless {lift.split(' ')[0]}",
+                        f"It holds {what}; pass {lift} to replace the whole folder.")
 
 
 def _versions() -> dict[str, str]:
